@@ -1,0 +1,26 @@
+"""Classify settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from shared.model_bundle import DEFAULT_BUNDLE
+from shared.settings import Section, ServiceSettings
+
+
+class ClassifyOptions(Section):
+    group: str = Field("classify", min_length=1, description="consumer group on the faces stream")
+    model: Path = Field(DEFAULT_BUNDLE, description="model bundle folder (model.json + weights)")
+    runtime: Literal["auto", "litert", "tensorflow"] = Field("auto", description="inference runtime")
+    threads: int = Field(1, ge=0, le=64, description="inference threads (0 = runtime default)")
+    max_batch: int = Field(64, ge=1, le=1024, description="run the model once this many faces wait")
+    max_wait_ms: int = Field(20, ge=0, le=10_000, description="... or once the oldest waiting face is this old")
+    events_maxlen: int = Field(100_000, ge=100, description="approximate cap of the events stream")
+    publish_live: bool = Field(True, description="also PUBLISH each event on the live pub/sub channel")
+
+
+class ClassifySettings(ServiceSettings):
+    classify: ClassifyOptions = ClassifyOptions()

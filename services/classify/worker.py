@@ -1,0 +1,151 @@
+"""Classify: batches face crops, runs the model, publishes one event per face."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from services.classify.settings import ClassifySettings
+from shared.classifier import Classifier
+from shared.health import LATENCY_BUCKETS, CommonMetrics
+from shared.schema import FIELD, Box, DecodeError, EventMsg, FacesMsg, decode_faces, encode_event, event_id
+from shared.streams import CONNECTION_ERRORS, Entry
+from shared.worker import Stopper, StreamWorker
+
+log = logging.getLogger(__name__)
+
+
+class ClassifyMetrics(CommonMetrics):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry, "classify")
+        self.batch = Histogram("es_classify_batch_size", "Faces per model call",
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry)
+        self.inference = Histogram("es_classify_inference_seconds", "Model time per batch",
+                                   buckets=LATENCY_BUCKETS, registry=registry)
+        self.events = Counter("es_events_total", "Emotion events published", ["camera", "emotion"],
+                              registry=registry)
+        self.end_to_end = Histogram("es_end_to_end_seconds", "Capture to event publish", ["camera"],
+                                    buckets=LATENCY_BUCKETS, registry=registry)
+
+
+@dataclass
+class Waiting:
+    entry: Entry
+    msg: FacesMsg
+    since: float
+
+
+class ClassifyWorker(StreamWorker):
+    service = "classify"
+
+    def __init__(self, settings: ClassifySettings, r: redis.Redis, classifier: Classifier,
+                 metrics: ClassifyMetrics, stopper: Stopper | None = None) -> None:
+        super().__init__(settings, r, settings.classify.group, metrics, stopper)
+        self.cfg = settings.classify
+        self.classifier = classifier
+        self.metrics = metrics
+        self.metrics.info.info({"service": "classify", "version": self._version(),
+                                "model_version": classifier.meta.version, "runtime": classifier.runtime})
+        self._waiting: list[Waiting] = []
+        self._faces_waiting = 0
+
+    @staticmethod
+    def _version() -> str:
+        import shared
+
+        return shared.__version__
+
+    def streams(self) -> list[str]:
+        return [self.keys.faces]
+
+    def read_count(self) -> int:
+        return max(1, self.cfg.max_batch - self._faces_waiting)
+
+    def block_ms(self) -> int:
+        if not self._waiting:
+            return self.settings.streams.block_ms
+        left = self.cfg.max_wait_ms - (time.monotonic() - self._waiting[0].since) * 1000
+        return max(1, int(left))
+
+    def handle(self, entries: list[Entry]) -> None:
+        bad = []
+        for entry in entries:
+            try:
+                msg = decode_faces(entry.payload or b"")
+            except DecodeError as exc:
+                bad.append((entry, exc))
+                continue
+            self._waiting.append(Waiting(entry, msg, time.monotonic()))
+            self._faces_waiting += len(msg.faces)
+        if bad:
+            pipe = self.r.pipeline(transaction=False)
+            for entry, exc in bad:
+                self.dead_letter(pipe, entry, exc.reason, exc.detail)
+            pipe.execute()
+        if self._faces_waiting >= self.cfg.max_batch or self._due():
+            self.flush()
+
+    def idle(self) -> None:
+        if self._due():
+            self.flush()
+
+    def drain(self) -> None:
+        if self._waiting:
+            log.info("draining %d waiting face messages", len(self._waiting))
+            self.flush()
+
+    def _due(self) -> bool:
+        return bool(self._waiting) and (time.monotonic() - self._waiting[0].since) * 1000 >= self.cfg.max_wait_ms
+
+    def flush(self) -> None:
+        waiting, self._waiting, self._faces_waiting = self._waiting, [], 0
+        crops = [np.frombuffer(f.crop, dtype=np.uint8).reshape(w.msg.size, w.msg.size)
+                 for w in waiting for f in w.msg.faces]
+        probs = np.zeros((0, len(self.classifier.classes)), dtype=np.float32)
+        if crops:
+            started = time.perf_counter()
+            probs = self.classifier.predict(np.stack(crops))
+            self.metrics.inference.observe(time.perf_counter() - started)
+            self.metrics.batch.observe(len(crops))
+        # On a Redis error nothing is acked: the entries stay pending and are reclaimed later.
+        self._publish(waiting, probs)
+
+    def _publish(self, waiting: list[Waiting], probs: np.ndarray) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        now = time.time()
+        row = 0
+        events = []
+        for w in waiting:
+            for index, face in enumerate(w.msg.faces):
+                events.append(self._event(w.msg, index, face.box, probs[row], now))
+                row += 1
+            pipe.xack(w.entry.stream, self.group, w.entry.id)
+        for ev in events:
+            payload = encode_event(ev)
+            pipe.xadd(self.keys.events, {FIELD: payload}, maxlen=self.cfg.events_maxlen, approximate=True)
+            if self.cfg.publish_live:
+                pipe.publish(self.keys.events_channel, payload)
+        pipe.execute()
+        for ev in events:
+            self.metrics.events.labels(camera=ev.camera, emotion=ev.label).inc()
+            self.metrics.end_to_end.labels(camera=ev.camera).observe(max(0.0, ev.publish_ts - ev.capture_ts))
+
+    def _event(self, msg: FacesMsg, index: int, box: Box, p: np.ndarray, now: float) -> EventMsg:
+        best = int(np.argmax(p))
+        classes = self.classifier.classes
+        return EventMsg(event_id=event_id(msg.camera, msg.seq, index), camera=msg.camera, seq=msg.seq, face=index,
+                        capture_ts=msg.capture_ts, publish_ts=now, box=box,
+                        label=classes[best], score=float(p[best]), classes=classes,
+                        probs=tuple(float(x) for x in p), model_version=self.classifier.meta.version)
+
+    def ready(self) -> tuple[bool, str]:
+        try:
+            self.r.ping()
+        except CONNECTION_ERRORS as exc:
+            return False, f"redis: {exc}"
+        return True, f"redis ok, model {self.classifier.meta.version} ({self.classifier.runtime})"

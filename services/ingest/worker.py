@@ -1,0 +1,259 @@
+"""Ingest: one reader thread per camera publishing JPEG frames to its Redis stream."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import cv2
+import numpy as np
+import redis
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.ingest.settings import CameraSettings, IngestSettings
+from services.ingest.source import EndOfStream, Frame, SourceError, SourceState, VideoSource
+from shared.health import LATENCY_BUCKETS, CommonMetrics, Heartbeat
+from shared.imaging import to_gray
+from shared.schema import FIELD, FrameMsg, encode_frame
+from shared.streams import CONNECTION_ERRORS, Backoff, Keys
+from shared.worker import Stopper
+
+log = logging.getLogger(__name__)
+
+SEQ_BLOCK = 1000
+
+
+class IngestMetrics(CommonMetrics):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry, "ingest")
+        self.read = Counter("es_frames_read_total", "Frames read from the source", ["camera"], registry=registry)
+        self.published = Counter("es_frames_published_total", "Frames published to Redis", ["camera"],
+                                 registry=registry)
+        self.up = Gauge("es_camera_up", "1 while the camera delivers frames", ["camera"], registry=registry)
+        self.reconnects = Counter("es_camera_reconnects_total", "Camera (re)connection attempts after a failure",
+                                  ["camera"], registry=registry)
+        self.stalls = Counter("es_camera_stalls_total", "Times the frame-age watchdog found a camera hung",
+                              ["camera"], registry=registry)
+        self.frame_age = Gauge("es_camera_last_frame_age_seconds", "Seconds since the camera's last frame",
+                               ["camera"], registry=registry)
+        self.encode = Histogram("es_ingest_encode_seconds", "JPEG encoding time", buckets=LATENCY_BUCKETS,
+                                registry=registry)
+
+
+class SeqAllocator:
+    """Frame numbers unique across restarts: reserved from Redis in blocks (one INCRBY per block)."""
+
+    def __init__(self, r: redis.Redis, key: str) -> None:
+        self.r = r
+        self.key = key
+        self._next = 0
+        self._end = 0
+
+    def next(self) -> int:
+        if self._next >= self._end:
+            self._end = int(self.r.incrby(self.key, SEQ_BLOCK))
+            self._next = self._end - SEQ_BLOCK
+        value = self._next
+        self._next += 1
+        return value
+
+
+class CameraReader(threading.Thread):
+    """Reads one camera until stopped: open, read, encode, publish; reconnects with backoff."""
+
+    def __init__(self, cam: CameraSettings, settings: IngestSettings, r: redis.Redis, metrics: IngestMetrics,
+                 stopper: Stopper) -> None:
+        super().__init__(name=f"camera-{cam.id}", daemon=True)
+        self.cam = cam
+        self.opts = settings.ingest
+        self.r = r
+        self.metrics = metrics
+        self.stopper = stopper
+        self.stream = Keys(settings.redis.prefix).frames(cam.id)
+        self.seq = SeqAllocator(r, f"{settings.redis.prefix}:seq:{{{cam.id}}}")
+        self.source = VideoSource(cam, self.opts.open_timeout_s)
+        self.state = SourceState.CONNECTING
+        self.last_frame = time.monotonic()
+        self.stalled = threading.Event()
+        self.last_error = ""
+        self._backoff = Backoff(self.opts.reconnect_initial_s, self.opts.reconnect_max_s)
+        self._redis_backoff = Backoff(settings.redis.backoff_initial_s, settings.redis.backoff_max_s)
+        self._next_publish = 0.0
+        self.metrics.up.labels(camera=cam.id).set(0)
+
+    def run(self) -> None:
+        try:
+            while not self.stopper.stopping and self.state is not SourceState.ENDED:
+                if not self._connect():
+                    continue
+                self._read_loop()
+        finally:
+            self.source.close()
+            self.metrics.up.labels(camera=self.cam.id).set(0)
+            if self.state is not SourceState.ENDED:
+                self.state = SourceState.STOPPED
+
+    def _connect(self) -> bool:
+        self._set_state(SourceState.CONNECTING)
+        try:
+            self.source.open()
+        except SourceError as exc:
+            self._fail(str(exc))
+            return False
+        log.info("camera %s: opened %s (%.1f fps)", self.cam.id, self.source.safe_url, self.source.source_fps)
+        self._backoff.reset()
+        self.last_frame = time.monotonic()
+        self.stalled.clear()
+        return True
+
+    def _fail(self, reason: str) -> None:
+        self.last_error = reason
+        self._set_state(SourceState.DOWN)
+        self.metrics.reconnects.labels(camera=self.cam.id).inc()
+        delay = self._backoff.next_delay()
+        log.warning("camera %s: %s; reconnecting in %.1fs", self.cam.id, reason, delay)
+        self.stopper.wait(delay)
+
+    def _read_loop(self) -> None:
+        while not self.stopper.stopping:
+            try:
+                frame = self.source.read()
+            except EndOfStream:
+                log.info("camera %s: end of file", self.cam.id)
+                self._set_state(SourceState.ENDED)
+                return
+            except SourceError as exc:
+                self._fail(str(exc))
+                return
+            if self.stalled.is_set():
+                self._fail("frame-age watchdog: source hung")
+                return
+            self.last_frame = time.monotonic()
+            self._set_state(SourceState.UP)
+            self.metrics.read.labels(camera=self.cam.id).inc()
+            if self._due():
+                self._publish(frame)
+
+    def _set_state(self, state: SourceState) -> None:
+        if state is not self.state:
+            log.info("camera %s: %s -> %s", self.cam.id, self.state.value, state.value)
+            self.state = state
+        self.metrics.up.labels(camera=self.cam.id).set(1 if state is SourceState.UP else 0)
+
+    def _due(self) -> bool:
+        """Rate limit: files are paced to the target fps; faster live sources are thinned."""
+        fps = self.cam.fps or (self.source.source_fps if self.source.is_file else 0.0)
+        if fps <= 0:
+            return True
+        now = time.monotonic()
+        interval = 1.0 / fps
+        if self.source.is_file:
+            if self._next_publish > now:
+                self.stopper.wait(self._next_publish - now)
+            self._next_publish = max(self._next_publish + interval, time.monotonic() - interval)
+            return True
+        if now + 0.002 < self._next_publish:
+            self.metrics.drop(self.cam.id, "fps_limit")
+            return False
+        self._next_publish = max(self._next_publish + interval, now - interval)
+        return True
+
+    def _encode(self, frame: Frame) -> bytes | None:
+        image = frame.image
+        if image.shape[1] > self.opts.max_width:
+            scale = self.opts.max_width / image.shape[1]
+            image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        if self.opts.grayscale:
+            image = to_gray(image)
+        quality = self.cam.jpeg_quality or self.opts.jpeg_quality
+        with self.metrics.encode.time():
+            ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if not ok:
+            self.metrics.drop(self.cam.id, "encode_error")
+            return None
+        if buf.size > self.opts.max_frame_bytes:
+            self.metrics.drop(self.cam.id, "too_large")
+            return None
+        return np.asarray(buf).tobytes()
+
+    def _publish(self, frame: Frame) -> None:
+        jpeg = self._encode(frame)
+        if jpeg is None:
+            return
+        h, w = frame.image.shape[:2]
+        scale = min(1.0, self.opts.max_width / w)
+        try:
+            msg = FrameMsg(camera=self.cam.id, seq=self.seq.next(), capture_ts=frame.capture_ts,
+                           width=int(round(w * scale)), height=int(round(h * scale)), jpeg=jpeg)
+            self.r.xadd(self.stream, {FIELD: encode_frame(msg)}, maxlen=self.opts.stream_maxlen, approximate=True)
+        except CONNECTION_ERRORS as exc:
+            self.metrics.drop(self.cam.id, "redis_unavailable")
+            self.metrics.redis_errors.inc()
+            delay = self._redis_backoff.next_delay()
+            log.warning("camera %s: Redis unavailable (%s); frame dropped, pausing %.2fs", self.cam.id, exc, delay)
+            self.stopper.wait(delay)
+            return
+        self._redis_backoff.reset()
+        self.metrics.published.labels(camera=self.cam.id).inc()
+
+
+class IngestWorker:
+    """Runs the camera readers, the watchdog and camera registration until stopped or all files end."""
+
+    def __init__(self, settings: IngestSettings, r: redis.Redis, metrics: IngestMetrics,
+                 stopper: Stopper | None = None) -> None:
+        self.settings = settings
+        self.r = r
+        self.metrics = metrics
+        self.stopper = stopper or Stopper()
+        self.keys = Keys(settings.redis.prefix)
+        self.heartbeat = Heartbeat(metrics.heartbeat)
+        self.readers = [CameraReader(c, settings, r, metrics, self.stopper) for c in settings.cameras]
+
+    def run(self) -> None:
+        for reader in self.readers:
+            reader.start()
+        last_register = 0.0
+        while not self.stopper.stopping:
+            self.heartbeat.beat()
+            if time.monotonic() - last_register > 2.0:
+                last_register = time.monotonic() if self._register() else 0.0
+            self._watchdog()
+            if self.readers and all(r.state is SourceState.ENDED for r in self.readers):
+                log.info("all inputs ended")
+                break
+            self.stopper.wait(0.2)
+        self.stopper.stop()
+        for reader in self.readers:
+            reader.join(timeout=self.settings.streams.drain_timeout_s)
+
+    def _register(self) -> bool:
+        """Announce the cameras so detect workers find their streams (again, after a Redis restart)."""
+        ids = [c.id for c in self.settings.cameras]
+        if not ids:
+            return True
+        try:
+            self.r.sadd(self.keys.cameras, *ids)
+        except CONNECTION_ERRORS as exc:
+            self.metrics.redis_errors.inc()
+            log.warning("cannot register cameras: %s", exc)
+            return False
+        return True
+
+    def _watchdog(self) -> None:
+        now = time.monotonic()
+        for reader in self.readers:
+            age = now - reader.last_frame
+            self.metrics.frame_age.labels(camera=reader.cam.id).set(age if reader.state is SourceState.UP else 0)
+            if reader.state is SourceState.UP and age > self.settings.ingest.watchdog_s and not reader.stalled.is_set():
+                log.warning("camera %s: no frame for %.1fs; marking down", reader.cam.id, age)
+                reader.stalled.set()
+                reader.state = SourceState.DOWN
+                self.metrics.up.labels(camera=reader.cam.id).set(0)
+                self.metrics.stalls.labels(camera=reader.cam.id).inc()
+
+    def ready(self) -> tuple[bool, str]:
+        self.r.ping()
+        up = sum(1 for r in self.readers if r.state is SourceState.UP)
+        return True, f"redis ok, {up}/{len(self.readers)} cameras up"

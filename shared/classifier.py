@@ -1,0 +1,170 @@
+"""Emotion classification: uint8 face crops (N, 64, 64) in, (N, C) probabilities out.
+
+Two runtimes read the same bundle: LiteRT (``model.tflite``; the default, measured faster
+here and free of TensorFlow's import cost) and TensorFlow (``model.keras``). Both pad each
+batch up to a fixed bucket size, so shapes repeat and nothing is retraced or reallocated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.imaging import resize_faces
+from shared.model_bundle import DEFAULT_BUNDLE, KERAS_FILE, TFLITE_FILE, BundleError, BundleMeta, read_meta
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+Runtime = Literal["auto", "litert", "tensorflow"]
+FloatArray = npt.NDArray[np.float32]
+
+
+class Classifier(Protocol):
+    meta: BundleMeta
+    runtime: str
+
+    @property
+    def classes(self) -> tuple[str, ...]: ...
+
+    def predict(self, crops: npt.NDArray[np.uint8]) -> FloatArray: ...
+
+
+def bucket_for(n: int) -> int:
+    for b in BUCKETS:
+        if n <= b:
+            return b
+    return BUCKETS[-1]
+
+
+class _BucketedClassifier:
+    """Splits and pads batches to the bucket sizes; subclasses run one padded batch."""
+
+    runtime = "base"
+
+    def __init__(self, meta: BundleMeta) -> None:
+        self.meta = meta
+        self._lock = threading.Lock()
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.meta.classes
+
+    def predict(self, crops: npt.NDArray[np.uint8]) -> FloatArray:
+        crops = np.asarray(crops)
+        if crops.ndim == 2:
+            crops = crops[None]
+        if crops.ndim != 3 or crops.dtype != np.uint8:
+            raise ValueError(f"expected uint8 crops (N, H, W), got {crops.dtype} {crops.shape}")
+        size = self.meta.input_size
+        crops = resize_faces(crops, size)
+        out = np.empty((len(crops), len(self.classes)), dtype=np.float32)
+        with self._lock:
+            for start in range(0, len(crops), BUCKETS[-1]):
+                chunk = crops[start:start + BUCKETS[-1]]
+                n = len(chunk)
+                padded = np.zeros((bucket_for(n), size, size, 1), dtype=np.float32)
+                padded[:n, ..., 0] = chunk
+                out[start:start + n] = self._run(padded)[:n]
+        return out
+
+    def _run(self, batch: FloatArray) -> FloatArray:
+        raise NotImplementedError
+
+    def warm_up(self) -> None:
+        for b in BUCKETS:
+            self._run(np.zeros((b, self.meta.input_size, self.meta.input_size, 1), dtype=np.float32))
+
+
+class LiteRTClassifier(_BucketedClassifier):
+    runtime = "litert"
+
+    def __init__(self, bundle: Path, meta: BundleMeta, threads: int) -> None:
+        super().__init__(meta)
+        from ai_edge_litert.interpreter import Interpreter
+
+        path = Path(bundle) / TFLITE_FILE
+        if not path.exists():
+            raise BundleError(f"model bundle {bundle}: {TFLITE_FILE} not found")
+        self._model = path.read_bytes()
+        self._threads = threads
+        self._interp_cls = Interpreter
+        self._by_bucket: dict[int, Any] = {}
+
+    def _interpreter(self, batch: int) -> Any:
+        interp = self._by_bucket.get(batch)
+        if interp is None:
+            interp = self._interp_cls(model_content=self._model, num_threads=self._threads)
+            index = interp.get_input_details()[0]["index"]
+            interp.resize_tensor_input(index, [batch, self.meta.input_size, self.meta.input_size, 1])
+            interp.allocate_tensors()
+            self._by_bucket[batch] = interp
+        return interp
+
+    def _run(self, batch: FloatArray) -> FloatArray:
+        interp = self._interpreter(len(batch))
+        interp.set_tensor(interp.get_input_details()[0]["index"], batch)
+        interp.invoke()
+        return np.asarray(interp.get_tensor(interp.get_output_details()[0]["index"]), dtype=np.float32)
+
+
+class TensorFlowClassifier(_BucketedClassifier):
+    runtime = "tensorflow"
+
+    def __init__(self, bundle: Path, meta: BundleMeta, threads: int) -> None:
+        super().__init__(meta)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import keras
+        import tensorflow as tf
+
+        if threads > 0:
+            _set_tf_threads(tf, threads)
+        path = Path(bundle) / KERAS_FILE
+        if not path.exists():
+            raise BundleError(f"model bundle {bundle}: {KERAS_FILE} not found")
+        model = keras.models.load_model(path, compile=False)
+        self._fn = tf.function(lambda x: model(x, training=False), jit_compile=False)
+
+    def _run(self, batch: FloatArray) -> FloatArray:
+        return np.asarray(self._fn(batch), dtype=np.float32)
+
+
+def _set_tf_threads(tf: Any, threads: int) -> None:
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # already initialised in this process
+        pass
+
+
+def litert_available() -> bool:
+    try:
+        import ai_edge_litert.interpreter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_classifier(bundle: Path | None = None, runtime: Runtime = "auto", threads: int = 0,
+                    warm: bool = True) -> _BucketedClassifier:
+    """Open a model bundle with the chosen runtime (``auto``: LiteRT when installed)."""
+    bundle = Path(bundle or DEFAULT_BUNDLE)
+    meta = read_meta(bundle)
+    chosen = runtime
+    if runtime == "auto":
+        chosen = "litert" if litert_available() and (bundle / TFLITE_FILE).exists() else "tensorflow"
+    clf: _BucketedClassifier
+    if chosen == "litert":
+        clf = LiteRTClassifier(bundle, meta, threads or 1)
+    else:
+        clf = TensorFlowClassifier(bundle, meta, threads)
+    if warm:
+        clf.warm_up()
+    log.info("model %s (%s) via %s, classes %s", meta.version, bundle, clf.runtime, ",".join(meta.classes))
+    return clf

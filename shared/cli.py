@@ -1,0 +1,126 @@
+"""The ``emotion-stream`` command: ``up``, ``events``, and the services by name."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import sys
+from collections.abc import Callable
+
+import redis
+
+from shared.events import EventFilter, EventReader
+from shared.schema import EventMsg
+from shared.settings import RedisSettings
+from shared.streams import Keys, connect
+
+SERVICES = ("ingest", "detect", "classify")
+
+
+def format_event(ev: EventMsg) -> str:
+    b = ev.box
+    latency = (ev.publish_ts - ev.capture_ts) * 1000
+    track = f" track {ev.track_id}" if ev.track_id is not None else ""
+    return (f"[{ev.camera} #{ev.seq} face {ev.face}{track}] Detected Emotion: {ev.label} ({ev.score:.2f}) "
+            f"box {b.x},{b.y},{b.w}x{b.h} latency {latency:.0f} ms")
+
+
+def print_event(ev: EventMsg, as_json: bool) -> None:
+    print(json.dumps(ev.to_dict()) if as_json else format_event(ev), flush=True)
+
+
+def redis_url_from_env() -> str | None:
+    return os.environ.get("ES_REDIS__URL") or os.environ.get("REDIS_URL")
+
+
+def add_filter_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print events as JSON lines")
+    p.add_argument("--camera", action="append", default=[], help="only this camera (repeatable)")
+    p.add_argument("--emotion", action="append", default=[], help="only this emotion (repeatable)")
+    p.add_argument("--min-score", type=float, default=0.0, help="only events with at least this score")
+
+
+def make_filter(args: argparse.Namespace) -> EventFilter:
+    return EventFilter(cameras=frozenset(args.camera), emotions=frozenset(args.emotion), min_score=args.min_score)
+
+
+def events_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="emotion-stream events", description="Print emotion events as they arrive.")
+    p.add_argument("--redis-url", default=None, help="default: $REDIS_URL or redis://127.0.0.1:6379/0")
+    p.add_argument("--prefix", default="es", help="key prefix of the pipeline")
+    p.add_argument("--from", dest="start", default="now", help="'now', 'start' or a stream id to replay from")
+    p.add_argument("--group", default=None, help="read through this consumer group (shared work, resumable)")
+    p.add_argument("--count", type=int, default=0, help="exit after this many events (0 = run until Ctrl-C)")
+    add_filter_args(p)
+    args = p.parse_args(argv)
+    url = args.redis_url or redis_url_from_env() or "redis://127.0.0.1:6379/0"
+    try:
+        r = connect(RedisSettings(url=url))
+        reader = EventReader(r, keys=Keys(args.prefix), start=args.start, filt=make_filter(args), group=args.group)
+    except (ValueError, redis.RedisError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return _print_loop(reader.poll, args.json, args.count)
+
+
+def _print_loop(poll: Callable[[], list[EventMsg]], as_json: bool, count: int) -> int:
+    seen = 0
+    try:
+        while count <= 0 or seen < count:
+            for ev in poll():
+                print_event(ev, as_json)
+                seen += 1
+                if 0 < count <= seen:
+                    break
+    except KeyboardInterrupt:
+        pass
+    except redis.ConnectionError as exc:
+        print(f"error: Redis connection lost: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_service(name: str, argv: list[str]) -> int:
+    sys.argv = [f"emotion-stream {name}", *argv]
+    try:
+        runpy.run_module(f"services.{name}", run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    return 0
+
+
+USAGE = """usage: emotion-stream COMMAND [ARGS]
+
+commands:
+  up        run the whole pipeline (embedded Redis unless REDIS_URL is set) and print events
+  events    print emotion events from a running pipeline
+  ingest    run the ingest service     (same as python -m services.ingest)
+  detect    run the detect service     (same as python -m services.detect)
+  classify  run the classify service   (same as python -m services.classify)
+
+Run 'emotion-stream COMMAND --help' for a command's options.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "up":
+        from shared.launcher import up_main
+
+        return up_main(rest)
+    if command == "events":
+        return events_main(rest)
+    if command in SERVICES:
+        return run_service(command, rest)
+    print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

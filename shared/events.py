@@ -1,0 +1,93 @@
+"""A small client for emotion events.
+
+    from shared.events import EventFilter, subscribe
+    from shared.streams import connect
+    from shared.settings import RedisSettings
+
+    r = connect(RedisSettings(url="redis://127.0.0.1:6379/0"))
+    for event in subscribe(r, start="now", filt=EventFilter(emotions={"Happy"}, min_score=0.5)):
+        print(event.camera, event.label, event.score)
+
+Events are read from the durable events stream (``start``: ``"now"``, ``"start"`` or a stream
+id), so a consumer can replay. With ``group=`` it reads through a consumer group and acks,
+so several consumers share the work and a restarted one resumes where it stopped.
+Undecodable entries are skipped and counted on ``EventReader.skipped``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import redis
+
+from shared.schema import DecodeError, EventMsg, decode_event
+from shared.streams import Keys, ensure_group, parse_read
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    cameras: frozenset[str] = field(default_factory=frozenset)
+    emotions: frozenset[str] = field(default_factory=frozenset)
+    min_score: float = 0.0
+
+    def matches(self, ev: EventMsg) -> bool:
+        if self.cameras and ev.camera not in self.cameras:
+            return False
+        if self.emotions and ev.label.lower() not in {e.lower() for e in self.emotions}:
+            return False
+        return ev.score >= self.min_score
+
+
+class EventReader:
+    def __init__(self, r: redis.Redis, keys: Keys | None = None, start: str = "now",
+                 filt: EventFilter | None = None, group: str | None = None, consumer: str = "events-cli",
+                 block_ms: int = 500) -> None:
+        self.r = r
+        self.keys = keys or Keys()
+        self.filt = filt or EventFilter()
+        self.group = group
+        self.consumer = consumer
+        self.block_ms = block_ms
+        self.skipped = 0
+        self.last_id = {"now": "$", "start": "0-0"}.get(start, start)
+        if group:
+            ensure_group(r, self.keys.events, group)
+
+    def poll(self) -> list[EventMsg]:
+        """One blocking read; returns the matching events (maybe none)."""
+        stream = self.keys.events
+        if self.group:
+            reply = self.r.xreadgroup(self.group, self.consumer, {stream: ">"}, count=256, block=self.block_ms)
+        else:
+            reply = self.r.xread({stream: self.last_id}, count=256, block=self.block_ms)
+        entries = parse_read(reply)
+        out = []
+        for entry in entries:
+            self.last_id = entry.id
+            try:
+                ev = decode_event(entry.payload or b"")
+            except DecodeError as exc:
+                self.skipped += 1
+                log.warning("skipping event %s: %s", entry.id, exc)
+                continue
+            if self.filt.matches(ev):
+                out.append(ev)
+        if self.group and entries:
+            self.r.xack(stream, self.group, *[e.id for e in entries])
+        return out
+
+    def __iter__(self) -> Iterator[EventMsg]:
+        while True:
+            yield from self.poll()
+
+
+def subscribe(r: redis.Redis, start: str = "now", filt: EventFilter | None = None, keys: Keys | None = None,
+              group: str | None = None, stop: Callable[[], bool] | None = None) -> Iterator[EventMsg]:
+    """Iterate events until ``stop()`` returns true (forever when not given)."""
+    reader = EventReader(r, keys=keys, start=start, filt=filt, group=group)
+    while stop is None or not stop():
+        yield from reader.poll()

@@ -1,0 +1,242 @@
+"""``emotion-stream up``: start ingest, detect and classify as processes and print their events."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import redis
+import yaml
+
+from shared.cli import add_filter_args, make_filter, print_event, redis_url_from_env
+from shared.embedded_redis import EmbeddedRedis
+from shared.events import EventReader
+from shared.settings import RedisSettings, mask_url
+from shared.sources import file_path, source_kind
+from shared.streams import Keys, connect
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="emotion-stream up",
+        description="Run the pipeline on one or more inputs and print emotion events. Without --input, "
+                    "a sample video with a real face is used. Without REDIS_URL, an embedded Redis is started.")
+    p.add_argument("--input", "-i", action="append", default=[],
+                   help="video file, rtsp:// or http(s):// MJPEG URL, or device index (repeatable: one camera each)")
+    p.add_argument("--fps", type=float, default=10.0, help="target frames/s per camera")
+    p.add_argument("--loop", action="store_true", help="loop file inputs (then only Ctrl-C stops)")
+    p.add_argument("--detect-workers", type=int, default=1, help="detect processes in the pool")
+    p.add_argument("--redis-url", default=None, help="use this Redis instead of an embedded one")
+    p.add_argument("--runtime", choices=["auto", "litert", "tensorflow"], default="auto")
+    p.add_argument("--model", default=None, help="model bundle folder (default: the shipped model)")
+    p.add_argument("--logs", default=None, help="folder for the services' logs (default: a temporary one)")
+    p.add_argument("--max-seconds", type=float, default=0.0, help="stop after this long (0 = no limit)")
+    add_filter_args(p)
+    return p.parse_args(argv)
+
+
+@dataclass
+class Stats:
+    events: int = 0
+    latencies: list[float] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, latency_s: float) -> None:
+        self.events += 1
+        self.latencies.append(latency_s)
+
+    def summary(self) -> str:
+        elapsed = time.monotonic() - self.started
+        if not self.latencies:
+            return f"{self.events} events in {elapsed:.1f}s"
+        lat = sorted(self.latencies)
+        p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))]
+        return (f"{self.events} events in {elapsed:.1f}s ({self.events / elapsed:.1f}/s); capture->event latency "
+                f"median {statistics.median(lat) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms")
+
+
+class Pipeline:
+    """The three services as child processes sharing one config file."""
+
+    def __init__(self, url: str, config: dict[str, Any], workdir: Path, detect_workers: int) -> None:
+        self.url = url
+        self.workdir = workdir
+        self.config_path = workdir / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.detect_workers = detect_workers
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self) -> None:
+        env = {**os.environ, "ES_REDIS__URL": self.url}
+        env.pop("REDIS_URL", None)
+        names = ["classify"] + [f"detect-{i}" for i in range(self.detect_workers)] + ["ingest"]
+        for name in names:
+            service = name.split("-")[0]
+            log_file = (self.workdir / f"{name}.log").open("wb")
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", f"services.{service}", "--config", str(self.config_path)],
+                env={**env, "ES_CONSUMER": name}, stdout=log_file, stderr=subprocess.STDOUT,
+            )
+
+    def failed(self) -> str | None:
+        for name, proc in self.procs.items():
+            code = proc.poll()
+            if code is not None and (code != 0 or name != "ingest"):
+                tail = (self.workdir / f"{name}.log").read_text(errors="replace")[-2000:]
+                return f"{name} exited with code {code}; last log lines:\n{tail}"
+        return None
+
+    def ingest_done(self) -> bool:
+        return self.procs["ingest"].poll() == 0
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def drained(r: redis.Redis, keys: Keys, cameras: list[str]) -> bool:
+    """True when every frame and face entry has been delivered and acked."""
+    checks = [(keys.frames(c), "detect") for c in cameras] + [(keys.faces, "classify")]
+    for stream, group in checks:
+        if not r.exists(stream):
+            continue
+        groups = {g["name"].decode() if isinstance(g["name"], bytes) else g["name"]: g
+                  for g in r.xinfo_groups(stream)}
+        info = groups.get(group)
+        if info is None or int(info["pending"]) > 0:
+            return False
+        last = r.xinfo_stream(stream)["last-generated-id"]
+        delivered = info["last-delivered-id"]
+        if _as_str(delivered) != _as_str(last):
+            return False
+    return True
+
+
+def _as_str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def check_inputs(inputs: list[str]) -> str | None:
+    for url in inputs:
+        try:
+            kind = source_kind(url)
+        except ValueError as exc:
+            return f"--input {url}: {exc}"
+        if kind == "file" and not Path(file_path(url)).is_file():
+            return f"--input {url}: no such file"
+    return None
+
+
+def build_config(args: argparse.Namespace, inputs: list[str]) -> dict[str, Any]:
+    cameras = [{"id": f"cam{i}", "url": url, "fps": args.fps, "loop": bool(args.loop)} for i, url in enumerate(inputs)]
+    config: dict[str, Any] = {
+        "cameras": cameras,
+        "metrics": {"port": 0},
+        "log_level": "INFO",
+        "classify": {"runtime": args.runtime, "max_wait_ms": 10},
+        "detect": {"max_frame_age_s": 5.0},
+    }
+    if args.model:
+        config["classify"]["model"] = args.model
+    return config
+
+
+class _Interrupt:
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+
+def up_main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    if not args.input:
+        from shared.sample import sample_video
+
+        args.input = [str(sample_video())]
+    problem = check_inputs(args.input)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    url = args.redis_url or redis_url_from_env()
+    embedded = None if url else EmbeddedRedis().start()
+    url = url or embedded.url  # type: ignore[union-attr]
+    print(f"redis: {mask_url(url)}{' (embedded)' if embedded else ''}; inputs: "
+          f"{', '.join(mask_url(i) for i in args.input)}", file=sys.stderr)
+    workdir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="emotion-stream-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(args, url, workdir)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _run(args: argparse.Namespace, url: str, workdir: Path) -> int:
+    r = connect(RedisSettings(url=url))
+    keys = Keys()
+    start_id = _last_id(r, keys.events)
+    pipeline = Pipeline(url, build_config(args, args.input), workdir, args.detect_workers)
+    interrupt = _Interrupt()
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    reader = EventReader(r, keys=keys, start=start_id, filt=make_filter(args), block_ms=200)
+    stats = Stats()
+    pipeline.start()
+    print(f"services started (logs in {workdir}); Ctrl-C stops", file=sys.stderr)
+    code = 0
+    try:
+        code = _event_loop(args, pipeline, reader, stats, interrupt, r, keys)
+    finally:
+        pipeline.stop()
+        for ev in reader.poll():
+            print_event(ev, args.json)
+            stats.add(ev.publish_ts - ev.capture_ts)
+        print(stats.summary(), file=sys.stderr)
+    return code
+
+
+def _event_loop(args: argparse.Namespace, pipeline: Pipeline, reader: EventReader, stats: Stats,
+                interrupt: _Interrupt, r: redis.Redis, keys: Keys) -> int:
+    cameras = [f"cam{i}" for i in range(len(args.input))]
+    deadline = time.monotonic() + args.max_seconds if args.max_seconds > 0 else float("inf")
+    while not interrupt.requested and time.monotonic() < deadline:
+        for ev in reader.poll():
+            print_event(ev, args.json)
+            stats.add(ev.publish_ts - ev.capture_ts)
+        failure = pipeline.failed()
+        if failure:
+            print(f"error: {failure}", file=sys.stderr)
+            return 1
+        if pipeline.ingest_done() and drained(r, keys, cameras):
+            print("all inputs processed", file=sys.stderr)
+            return 0
+    return 0
+
+
+def _last_id(r: redis.Redis, stream: str) -> str:
+    newest = r.xrevrange(stream, count=1)
+    return _as_str(newest[0][0]) if newest else "0-0"

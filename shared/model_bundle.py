@@ -1,0 +1,59 @@
+"""A model bundle: one folder holding the weights and the metadata that must travel with them.
+
+Layout: ``model.keras`` (Keras 3), ``model.tflite`` (LiteRT) and ``model.json`` (class names,
+input size, version, training record). The services and the CLI read class names from here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FER2013_CLASSES = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")
+DEFAULT_BUNDLE = Path(__file__).resolve().parent / "models" / "fer2013_mini_xception"
+KERAS_FILE = "model.keras"
+TFLITE_FILE = "model.tflite"
+META_FILE = "model.json"
+
+
+class BundleError(RuntimeError):
+    """The bundle folder is missing, incomplete or its metadata is invalid."""
+
+
+@dataclass(frozen=True)
+class BundleMeta:
+    classes: tuple[str, ...]
+    version: str
+    input_size: int = 64
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["classes"] = list(self.classes)
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def read_meta(bundle: Path) -> BundleMeta:
+    path = Path(bundle) / META_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise BundleError(f"model bundle {bundle}: {META_FILE} not found") from exc
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"model bundle {bundle}: {META_FILE} is not valid JSON: {exc}") from exc
+    classes = raw.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise BundleError(f"model bundle {bundle}: 'classes' must be a non-empty list of names")
+    return BundleMeta(
+        classes=tuple(classes),
+        version=str(raw.get("version", "unknown")),
+        input_size=int(raw.get("input_size", 64)),
+        extra=dict(raw.get("extra", {})),
+    )
+
+
+def write_meta(bundle: Path, meta: BundleMeta) -> None:
+    Path(bundle).mkdir(parents=True, exist_ok=True)
+    (Path(bundle) / META_FILE).write_text(meta.to_json())

@@ -1,0 +1,240 @@
+"""Wire schema: every message on the Redis streams, encoded with msgpack, and nothing else.
+
+Each payload is a msgpack map with ``v`` (the schema version) and ``k`` (the kind). Decoding
+is strict: a wrong version, a missing or mistyped field, a non-finite number or bytes that are
+not msgpack all raise :class:`DecodeError`, whose ``reason`` is a short metric label.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+SCHEMA_VERSION = 1
+FIELD = b"m"  # the single stream-entry field that carries the payload
+
+
+class DecodeError(ValueError):
+    """A payload that cannot be turned into a message; ``reason`` labels the metric."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Box:
+    """Face rectangle in frame pixels."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+
+    def to_list(self) -> list[int]:
+        return [self.x, self.y, self.w, self.h]
+
+
+@dataclass(frozen=True)
+class FrameMsg:
+    """One captured frame, JPEG-encoded, as ingest publishes it."""
+
+    camera: str
+    seq: int
+    capture_ts: float  # unix seconds at capture
+    width: int
+    height: int
+    jpeg: bytes
+
+
+@dataclass(frozen=True)
+class FaceCrop:
+    box: Box
+    crop: bytes  # size*size grey uint8, row-major
+
+
+@dataclass(frozen=True)
+class FacesMsg:
+    """The faces detect found in one frame."""
+
+    camera: str
+    seq: int
+    capture_ts: float
+    detect_ts: float
+    size: int
+    faces: tuple[FaceCrop, ...]
+
+
+@dataclass(frozen=True)
+class EventMsg:
+    """One classified face: what downstream consumers receive."""
+
+    event_id: str
+    camera: str
+    seq: int
+    face: int
+    capture_ts: float
+    publish_ts: float
+    box: Box
+    label: str
+    score: float
+    classes: tuple[str, ...]
+    probs: tuple[float, ...]
+    model_version: str
+    track_id: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (used by ``--json`` output and the Python client)."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "event_id": self.event_id,
+            "camera": self.camera,
+            "seq": self.seq,
+            "face": self.face,
+            "capture_ts": self.capture_ts,
+            "publish_ts": self.publish_ts,
+            "latency_ms": round((self.publish_ts - self.capture_ts) * 1000.0, 2),
+            "box": self.box.to_list(),
+            "label": self.label,
+            "score": round(self.score, 5),
+            "probabilities": {c: round(p, 5) for c, p in zip(self.classes, self.probs, strict=True)},
+            "model_version": self.model_version,
+            "track_id": self.track_id,
+        }
+
+
+def event_id(camera: str, seq: int, face: int) -> str:
+    """Stable id: a frame re-processed after a crash yields the same ids, so consumers can dedupe."""
+    return f"{camera}:{seq}:{face}"
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _pack(kind: str, body: dict[str, Any]) -> bytes:
+    return msgpack.packb({"v": SCHEMA_VERSION, "k": kind, **body}, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def encode_frame(m: FrameMsg) -> bytes:
+    return _pack("frame", {"cam": m.camera, "seq": m.seq, "ts": m.capture_ts, "w": m.width, "h": m.height,
+                           "jpg": m.jpeg})
+
+
+def encode_faces(m: FacesMsg) -> bytes:
+    faces = [{"b": f.box.to_list(), "c": f.crop} for f in m.faces]
+    return _pack("faces", {"cam": m.camera, "seq": m.seq, "ts": m.capture_ts, "dts": m.detect_ts,
+                           "s": m.size, "f": faces})
+
+
+def encode_event(m: EventMsg) -> bytes:
+    return _pack("event", {
+        "id": m.event_id, "cam": m.camera, "seq": m.seq, "face": m.face, "ts": m.capture_ts,
+        "pts": m.publish_ts, "b": m.box.to_list(), "l": m.label, "s": m.score, "cls": list(m.classes),
+        "p": list(m.probs), "mv": m.model_version, "tid": m.track_id,
+    })
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _unpack(data: bytes, kind: str) -> dict[str, Any]:
+    if not isinstance(data, (bytes, bytearray)):
+        raise DecodeError("bad_type", f"payload is {type(data).__name__}, not bytes")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise DecodeError("garbage", f"not msgpack ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(obj, dict):
+        raise DecodeError("garbage", f"payload is a msgpack {type(obj).__name__}, not a map")
+    version = obj.get("v")
+    if version != SCHEMA_VERSION:
+        raise DecodeError("schema_version", f"schema version {version!r}, expected {SCHEMA_VERSION}")
+    if obj.get("k") != kind:
+        raise DecodeError("wrong_kind", f"message kind {obj.get('k')!r}, expected {kind!r}")
+    return obj
+
+
+def _get(obj: dict[str, Any], key: str, typ: type | tuple[type, ...]) -> Any:
+    if key not in obj:
+        raise DecodeError("missing_field", f"field {key!r} missing")
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, typ):
+        raise DecodeError("bad_field", f"field {key!r} has type {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DecodeError("bad_field", f"field {key!r} is not finite ({value})")
+    return value
+
+
+def _num(obj: dict[str, Any], key: str) -> float:
+    return float(_get(obj, key, (int, float)))
+
+
+def _nonneg_int(obj: dict[str, Any], key: str) -> int:
+    value = int(_get(obj, key, int))
+    if value < 0:
+        raise DecodeError("bad_field", f"field {key!r} is negative ({value})")
+    return value
+
+
+def _camera(obj: dict[str, Any]) -> str:
+    cam = str(_get(obj, "cam", str))
+    if not cam:
+        raise DecodeError("bad_field", "field 'cam' is empty")
+    return cam
+
+
+def _box(value: Any) -> Box:
+    if not isinstance(value, list) or len(value) != 4 or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise DecodeError("bad_field", f"box must be 4 integers, got {value!r}")
+    x, y, w, h = value
+    if w <= 0 or h <= 0:
+        raise DecodeError("bad_field", f"box has non-positive size {value!r}")
+    return Box(x, y, w, h)
+
+
+def decode_frame(data: bytes) -> FrameMsg:
+    o = _unpack(data, "frame")
+    msg = FrameMsg(camera=_camera(o), seq=_nonneg_int(o, "seq"), capture_ts=_num(o, "ts"),
+                   width=_nonneg_int(o, "w"), height=_nonneg_int(o, "h"), jpeg=bytes(_get(o, "jpg", bytes)))
+    if not msg.jpeg:
+        raise DecodeError("bad_field", "field 'jpg' is empty")
+    return msg
+
+
+def decode_faces(data: bytes) -> FacesMsg:
+    o = _unpack(data, "faces")
+    size = _nonneg_int(o, "s")
+    faces = []
+    for item in _get(o, "f", list):
+        if not isinstance(item, dict):
+            raise DecodeError("bad_field", "face entry is not a map")
+        crop = bytes(_get(item, "c", bytes))
+        if len(crop) != size * size:
+            raise DecodeError("bad_field", f"crop has {len(crop)} bytes, expected {size * size}")
+        faces.append(FaceCrop(box=_box(item.get("b")), crop=crop))
+    return FacesMsg(camera=_camera(o), seq=_nonneg_int(o, "seq"), capture_ts=_num(o, "ts"),
+                    detect_ts=_num(o, "dts"), size=size, faces=tuple(faces))
+
+
+def decode_event(data: bytes) -> EventMsg:
+    o = _unpack(data, "event")
+    classes = tuple(str(c) for c in _get(o, "cls", list))
+    probs_raw = _get(o, "p", list)
+    if len(probs_raw) != len(classes) or not all(
+        isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) for p in probs_raw
+    ):
+        raise DecodeError("bad_field", "probabilities must be finite numbers, one per class")
+    tid = o.get("tid")
+    return EventMsg(
+        event_id=str(_get(o, "id", str)), camera=_camera(o), seq=_nonneg_int(o, "seq"),
+        face=_nonneg_int(o, "face"), capture_ts=_num(o, "ts"), publish_ts=_num(o, "pts"), box=_box(o.get("b")),
+        label=str(_get(o, "l", str)), score=_num(o, "s"), classes=classes,
+        probs=tuple(float(p) for p in probs_raw), model_version=str(_get(o, "mv", str)),
+        track_id=tid if isinstance(tid, int) and not isinstance(tid, bool) else None,
+    )

@@ -1,0 +1,215 @@
+"""Settings shared by every service, and the one loader (YAML file + environment).
+
+Precedence: environment (``ES_`` prefix, ``__`` between nested keys, e.g.
+``ES_REDIS__URL``; plain ``REDIS_URL`` is honoured too) over the YAML file over defaults.
+Unknown keys are errors. :func:`load_or_exit` prints each problem as
+``config error: <key.path> = <value>: <reason>`` and exits 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "ES_"
+# One YAML file may configure the whole pipeline: each service validates its own sections and
+# leaves these, owned by the other services, to them. Any other unknown key is an error.
+PIPELINE_SECTIONS = frozenset({"cameras", "ingest", "detect", "detector", "classify"})
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RedisSettings(Section):
+    url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL (may carry user:password)")
+    password: str | None = Field(None, description="password, when not in the URL")
+    username: str | None = Field(None, description="ACL user, when not in the URL")
+    ssl_ca_certs: Path | None = Field(None, description="CA bundle for rediss://")
+    ssl_certfile: Path | None = Field(None, description="client certificate for rediss://")
+    ssl_keyfile: Path | None = Field(None, description="client key for rediss://")
+    socket_timeout_s: float = Field(5.0, gt=0, le=120, description="socket timeout for commands")
+    prefix: str = Field("es", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$",
+                        description="key prefix, so several pipelines can share one Redis")
+    backoff_initial_s: float = Field(0.2, gt=0, le=60, description="first reconnect delay")
+    backoff_max_s: float = Field(5.0, gt=0, le=300, description="cap of the reconnect delay")
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        scheme = urlsplit(v).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"unsupported scheme {scheme!r}; use redis://, rediss:// or unix://")
+        return v
+
+
+class MetricsSettings(Section):
+    enabled: bool = Field(True, description="serve /metrics, /healthz and /readyz")
+    host: str = Field("127.0.0.1", description="bind address of the metrics endpoint")
+    port: int = Field(0, ge=0, le=65535, description="port of the metrics endpoint; 0 picks a free one")
+    heartbeat_stale_s: float = Field(30.0, gt=0, description="/healthz fails when the loop is quiet this long")
+
+
+class StreamSettings(Section):
+    block_ms: int = Field(500, ge=10, le=10_000, description="XREADGROUP block time")
+    claim_idle_ms: int = Field(30_000, ge=100, description="reclaim entries pending this long on dead consumers")
+    claim_every_s: float = Field(5.0, gt=0, description="how often to look for entries to reclaim")
+    max_deliveries: int = Field(5, ge=1, le=100, description="deliveries before an entry is dead-lettered")
+    dead_letter_maxlen: int = Field(10_000, ge=100, description="approximate cap of the dead-letter stream")
+    drain_timeout_s: float = Field(10.0, gt=0, le=300, description="first SIGTERM: finish in-flight work this long")
+
+
+class ServiceSettings(BaseSettings):
+    """Base of every service's settings: Redis, metrics, stream behaviour, logging."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid",
+                                      frozen=True)
+
+    redis: RedisSettings = RedisSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    streams: StreamSettings = StreamSettings()
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="logging level")
+    consumer: str = Field("", description="consumer name in the group; default host-pid")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the YAML file (passed as init kwargs): 12-factor overrides.
+        return env_settings, init_settings
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+class ConfigError(Exception):
+    """Settings could not be loaded; ``lines`` name each key, value and reason."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def read_yaml(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError([f"config error: {path}: file not found"]) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"config error: {path}: invalid YAML: {exc}"]) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"config error: {path}: top level must be a mapping, got {type(data).__name__}"])
+    return data
+
+
+def _lookup(data: dict[str, Any], loc: tuple[Any, ...]) -> Any:
+    cur: Any = data
+    for part in loc:
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and part < len(cur):
+            cur = cur[part]
+        else:
+            return None
+    return cur
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"])
+        value = err.get("input")
+        shown = mask_secret(path, value)
+        lines.append(f"config error: {path} = {shown!r}: {err['msg']}")
+    return lines
+
+
+SECRET_WORDS = ("password", "secret", "token")
+
+
+def mask_secret(path: str, value: Any) -> Any:
+    if value is not None and any(w in path.lower() for w in SECRET_WORDS):
+        return "***"
+    if isinstance(value, str):
+        return mask_url(value)
+    return value
+
+
+def mask_url(url: str) -> str:
+    """Hide the password of a URL (``redis://u:pw@h`` -> ``redis://u:***@h``)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None and not (parts.username and "@" in parts.netloc):
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    cred = f"{user}:***" if parts.password is not None else "***"
+    return urlunsplit((parts.scheme, f"{cred}@{host}", parts.path, parts.query, parts.fragment))
+
+
+def load(cls: type[S], path: Path | None, overrides: dict[str, Any] | None = None) -> S:
+    """YAML file + environment -> validated settings; raises :class:`ConfigError`."""
+    data = read_yaml(path)
+    foreign = PIPELINE_SECTIONS - set(cls.model_fields)
+    data = {k: v for k, v in data.items() if k not in foreign}
+    if overrides:
+        data = _merge(data, overrides)
+    redis_url = os.environ.get("REDIS_URL")
+    if redis_url and f"{ENV_PREFIX}REDIS__URL" not in os.environ:
+        data = _merge(data, {"redis": {"url": redis_url}})
+    try:
+        return cls(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc)) from exc
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_or_exit(cls: type[S], path: Path | None, overrides: dict[str, Any] | None = None) -> S:
+    try:
+        return load(cls, path, overrides)
+    except ConfigError as exc:
+        for line in exc.lines:
+            print(line, file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def dump_masked(settings: BaseModel) -> dict[str, Any]:
+    """Settings as a dict with secrets and URL passwords masked (for ``--check-config``)."""
+    return _mask_tree(settings.model_dump(mode="json"), "")
+
+
+def _mask_tree(node: Any, path: str) -> Any:
+    if isinstance(node, dict):
+        return {k: _mask_tree(v, f"{path}.{k}" if path else k) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_mask_tree(v, path) for v in node]
+    return mask_secret(path, node)

@@ -1,0 +1,208 @@
+"""The consumer-group worker loop that detect and classify share.
+
+``while not stopping``: XREADGROUP with a short block; the subclass handles the entries and
+writes its output, acks and dead letters in one pipeline; every ``claim_every_s`` the worker
+takes over entries idle on dead consumers (XAUTOCLAIM); entries delivered too often are
+dead-lettered. Redis outages are retried with capped exponential backoff, and groups are
+re-created if Redis lost its data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from abc import ABC, abstractmethod
+from types import FrameType
+from typing import Any
+
+import redis
+
+from shared.health import CommonMetrics, Heartbeat
+from shared.settings import ServiceSettings
+from shared.streams import (
+    CONNECTION_ERRORS,
+    Backoff,
+    Entry,
+    Keys,
+    autoclaim,
+    dead_letter,
+    default_consumer_name,
+    delivery_counts,
+    ensure_group,
+    is_nogroup,
+    parse_read,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Stopper:
+    """First SIGTERM/SIGINT asks for a drain; the second exits at once."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.signals = 0
+
+    @property
+    def stopping(self) -> bool:
+        return self._event.is_set()
+
+    def stop(self) -> None:
+        self._event.set()
+
+    def wait(self, seconds: float) -> bool:
+        return self._event.wait(seconds)
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signals += 1
+        if self.signals >= 2:
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        log.info("%s: draining (send it again to exit at once)", signal.Signals(signum).name)
+        self._event.set()
+
+
+class StreamWorker(ABC):
+    """Reads one consumer group over a set of streams; subclasses process the entries."""
+
+    service = "worker"
+
+    def __init__(self, settings: ServiceSettings, r: redis.Redis, group: str, common: CommonMetrics,
+                 stopper: Stopper | None = None) -> None:
+        self.settings = settings
+        self.r = r
+        self.group = group
+        self.keys = Keys(settings.redis.prefix)
+        self.common = common
+        self.stopper = stopper or Stopper()
+        self.consumer = settings.consumer or default_consumer_name()
+        self.heartbeat = Heartbeat(common.heartbeat)
+        self.backoff = Backoff(settings.redis.backoff_initial_s, settings.redis.backoff_max_s)
+        self._groups: set[str] = set()
+        self._last_claim = 0.0
+
+    # -- subclass API -------------------------------------------------------
+
+    @abstractmethod
+    def streams(self) -> list[str]:
+        """Stream keys to read now (may change while running)."""
+
+    @abstractmethod
+    def handle(self, entries: list[Entry]) -> None:
+        """Process entries; must ack each one (output + XACK in one pipeline)."""
+
+    def read_count(self) -> int:
+        return 16
+
+    def block_ms(self) -> int:
+        return self.settings.streams.block_ms
+
+    def idle(self) -> None:
+        """Called when a read returned nothing (e.g. to flush a partial batch)."""
+
+    def drain(self) -> None:
+        """Called once after the loop stops, to finish in-flight work."""
+
+    # -- loop -------------------------------------------------------------
+
+    def run(self) -> None:
+        log.info("%s consumer %s in group %s", self.service, self.consumer, self.group)
+        while not self.stopper.stopping:
+            self.heartbeat.beat()
+            try:
+                self.step()
+                self.backoff.reset()
+            except CONNECTION_ERRORS as exc:
+                self._on_redis_down(exc)
+            except redis.ResponseError as exc:
+                if not is_nogroup(exc):
+                    raise
+                log.warning("consumer group missing (Redis restarted empty?): re-creating")
+                self._groups.clear()
+        self._drain_safely()
+
+    def step(self) -> None:
+        streams = self.streams()
+        self._ensure_groups(streams)
+        self._maybe_claim(streams)
+        if not streams:
+            self.stopper.wait(self.settings.streams.block_ms / 1000)
+            self.idle()
+            return
+        reply = self.r.xreadgroup(self.group, self.consumer, {s: ">" for s in streams},
+                                  count=self.read_count(), block=self.block_ms())
+        entries = parse_read(reply)
+        if entries:
+            self.handle(entries)
+        else:
+            self.idle()
+
+    def _on_redis_down(self, exc: Exception) -> None:
+        self.common.redis_errors.inc()
+        delay = self.backoff.next_delay()
+        log.warning("Redis unavailable (%s: %s); retrying in %.2fs", type(exc).__name__, exc, delay)
+        self._groups.clear()
+        self.stopper.wait(delay)
+
+    def _drain_safely(self) -> None:
+        deadline = self.settings.streams.drain_timeout_s
+        done = threading.Event()
+
+        def target() -> None:
+            try:
+                self.drain()
+            except Exception:
+                log.exception("drain failed")
+            finally:
+                done.set()
+
+        threading.Thread(target=target, name="drain", daemon=True).start()
+        if not done.wait(deadline):
+            log.error("drain did not finish within %.1fs; unacked entries stay pending for reclaim", deadline)
+
+    def _ensure_groups(self, streams: list[str]) -> None:
+        for stream in streams:
+            if stream not in self._groups:
+                ensure_group(self.r, stream, self.group)
+                self._groups.add(stream)
+
+    def _maybe_claim(self, streams: list[str]) -> None:
+        cfg = self.settings.streams
+        now = time.monotonic()
+        if now - self._last_claim < cfg.claim_every_s:
+            return
+        self._last_claim = now
+        for stream in streams:
+            claimed = autoclaim(self.r, stream, self.group, self.consumer, cfg.claim_idle_ms)
+            if claimed:
+                log.info("reclaimed %d idle entries from %s", len(claimed), stream)
+                self.common.reclaimed.labels(stream=stream).inc(len(claimed))
+                self.handle(self._drop_poison(stream, claimed))
+
+    def _drop_poison(self, stream: str, entries: list[Entry]) -> list[Entry]:
+        """Entries delivered more than ``max_deliveries`` times go to the dead-letter stream."""
+        counts = delivery_counts(self.r, stream, self.group, [e.id for e in entries])
+        limit = self.settings.streams.max_deliveries
+        poison = [e for e in entries if counts.get(e.id, 0) > limit]
+        if poison:
+            pipe = self.r.pipeline(transaction=False)
+            for e in poison:
+                self.dead_letter(pipe, e, "max_deliveries", f"delivered {counts[e.id]} times")
+            pipe.execute()
+        return [e for e in entries if e not in poison]
+
+    # -- helpers for subclasses -------------------------------------------
+
+    def dead_letter(self, pipe: Any, entry: Entry, reason: str, detail: str) -> None:
+        """Queue a dead letter + ack on ``pipe`` and count it."""
+        log.warning("dead letter from %s %s: %s (%s)", entry.stream, entry.id, reason, detail)
+        dead_letter(pipe, self.keys, self.settings.streams, entry, reason, detail, self.service)
+        pipe.xack(entry.stream, self.group, entry.id)
+        self.common.dead_letters.labels(stream=entry.stream, reason=reason).inc()
