@@ -1,0 +1,99 @@
+"""Faces per second of the emotion classifier, per runtime, at batch 1, 16 and 64.
+
+    python bench/classifier.py [--model DIR] [--seconds S] [--threads N]
+
+Both runtimes read the same bundle; their outputs on the same random crops are compared
+first, so a fast runtime that computes something else cannot look good here.
+Writes bench/results/classifier.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a script from a checkout without installing
+
+from shared.classifier import load_classifier  # noqa: E402
+from shared.model_bundle import DEFAULT_BUNDLE, read_meta  # noqa: E402
+
+RUNTIMES = ("litert", "tensorflow")
+BATCHES = (1, 16, 64)
+RESULTS = ROOT / "bench" / "results" / "classifier.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=DEFAULT_BUNDLE, help="model bundle folder")
+    p.add_argument("--seconds", type=float, default=3.0, help="measuring time per runtime and batch size")
+    p.add_argument("--threads", type=int, default=0, help="inference threads (0 = runtime default)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    return p.parse_args(argv)
+
+
+def random_crops(n: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size), dtype=np.uint8)
+
+
+def max_abs_diff(models: dict[str, Any], crops: np.ndarray) -> float:
+    outputs = [models[r].predict(crops) for r in RUNTIMES]
+    return float(np.max(np.abs(outputs[0] - outputs[1])))
+
+
+def faces_per_second(model: Any, crops: np.ndarray, seconds: float) -> dict[str, float]:
+    for _ in range(3):
+        model.predict(crops)
+    calls, started = 0, time.perf_counter()
+    latencies = []
+    while time.perf_counter() - started < seconds or calls < 3:
+        t0 = time.perf_counter()
+        model.predict(crops)
+        latencies.append(time.perf_counter() - t0)
+        calls += 1
+    elapsed = time.perf_counter() - started
+    return {"faces_per_s": calls * len(crops) / elapsed, "calls": calls,
+            "median_ms_per_call": float(np.median(latencies) * 1000)}
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(f"{'runtime':<12}{'batch':>6}{'faces/s':>12}{'ms/call':>10}{'calls':>8}")
+    for r in rows:
+        print(f"{r['runtime']:<12}{r['batch']:>6}{r['faces_per_s']:>12.1f}{r['median_ms_per_call']:>10.2f}"
+              f"{r['calls']:>8}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    meta = read_meta(args.model)
+    models = {r: load_classifier(args.model, r, args.threads) for r in RUNTIMES}
+    diff = max_abs_diff(models, random_crops(70, meta.input_size, seed=1))
+    print(f"model {meta.version} ({args.model}); max |litert - tensorflow| = {diff:.2e}")
+    rows = []
+    for runtime in RUNTIMES:
+        for batch in BATCHES:
+            stats = faces_per_second(models[runtime], random_crops(batch, meta.input_size), args.seconds)
+            rows.append({"runtime": runtime, "batch": batch, **stats})
+    print_table(rows)
+    report = {"model": str(args.model), "model_version": meta.version, "threads": args.threads,
+              "seconds": args.seconds, "max_abs_diff": diff, "cpu_count": os.cpu_count(),
+              "machine": platform.machine(), "python": platform.python_version(), "results": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Score a model bundle on labelled face sets: accuracy, per-class recall, confusion matrix.
+
+    python -m services.classify.evaluate ../shared/data/fer2013/publictest.npz --flip-tta
+
+Each .npz holds ``images`` (uint8 N x S x S grey, any S) and ``labels`` (indices into the
+bundle's classes: FER2013 order for the shipped model). Faces are resized exactly as the
+classify service resizes them. The last line on stdout is one JSON object covering all files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from services.classify.datasets import DatasetError, FaceSet, load_npz
+from shared.classifier import Classifier, load_classifier
+from shared.model_bundle import DEFAULT_BUNDLE, BundleError, BundleMeta, read_meta
+
+EXIT_USAGE = 2
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Scores:
+    n: int
+    accuracy: float
+    per_class_recall: dict[str, float | None]  # None: no faces of that class
+    confusion: IntArray  # rows = true class, columns = predicted class
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Labels and predicted classes of one file; ``flipped`` is set with flip TTA."""
+
+    path: Path
+    labels: IntArray
+    plain: IntArray
+    flipped: IntArray | None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m services.classify.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("npz", nargs="+", type=Path, help=".npz files with 'images' and 'labels'")
+    p.add_argument("--model", type=Path, default=DEFAULT_BUNDLE, help="model bundle folder")
+    p.add_argument("--runtime", choices=["auto", "litert", "tensorflow"], default="auto")
+    p.add_argument("--threads", type=int, default=0, help="inference threads (0 = runtime default)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--flip-tta", action="store_true",
+                   help="also score the mean of each face's and its mirror image's probabilities")
+    p.add_argument("--confusion-png", type=Path, default=None,
+                   help="write the confusion matrix as an image (one per file: the file's stem is appended "
+                        "when several are given)")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1")
+    return args
+
+
+def load_sets(paths: Sequence[Path], meta: BundleMeta) -> list[FaceSet]:
+    """Read and check every file before the model loads, so bad input fails fast."""
+    sets = []
+    for path in paths:
+        faces = _load_one(path, meta)
+        if len(faces.labels) == 0:
+            raise DatasetError(f"{path}: holds no faces")
+        sets.append(faces)
+    return sets
+
+
+def _load_one(path: Path, meta: BundleMeta) -> FaceSet:
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a directory, not an .npz file")
+    try:
+        return load_npz(path, classes=meta.classes, size=meta.input_size)
+    except DatasetError:
+        raise
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile) as exc:
+        # np.load reports a non-.npz file in several ways (pickle refusal, bare array, bad zip).
+        raise DatasetError(f"{path}: not a readable .npz file ({exc})") from exc
+
+
+def predict_proba(clf: Classifier, images: npt.NDArray[np.uint8], batch_size: int) -> FloatArray:
+    parts = [clf.predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def predict_set(clf: Classifier, path: Path, faces: FaceSet, batch_size: int, flip_tta: bool) -> Predictions:
+    probs = predict_proba(clf, faces.images, batch_size)
+    flipped = None
+    if flip_tta:
+        mirrored = np.ascontiguousarray(faces.images[:, :, ::-1])
+        averaged = (probs + predict_proba(clf, mirrored, batch_size)) / 2.0
+        flipped = averaged.argmax(axis=1).astype(np.int64)
+    return Predictions(path, faces.labels, probs.argmax(axis=1).astype(np.int64), flipped)
+
+
+def confusion_matrix(labels: IntArray, predicted: IntArray, num_classes: int) -> IntArray:
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (labels, predicted), 1)
+    return matrix
+
+
+def score(labels: IntArray, predicted: IntArray, classes: Sequence[str]) -> Scores:
+    confusion = confusion_matrix(labels, predicted, len(classes))
+    support = confusion.sum(axis=1)
+    recall = {name: (float(confusion[i, i] / support[i]) if support[i] else None) for i, name in enumerate(classes)}
+    accuracy = float(np.trace(confusion) / len(labels)) if len(labels) else 0.0
+    return Scores(len(labels), accuracy, recall, confusion)
+
+
+def scores_json(scores: Scores) -> dict[str, Any]:
+    return {"n": scores.n, "accuracy": scores.accuracy, "per_class_recall": scores.per_class_recall,
+            "confusion": scores.confusion.tolist()}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def format_scores(title: str, plain: Scores, flipped: Scores | None, classes: Sequence[str]) -> str:
+    width = max(len(c) for c in classes) + 2
+    lines = [f"{title}: {plain.n} faces, accuracy {plain.accuracy:.4f}"
+             + (f", with flip TTA {flipped.accuracy:.4f}" if flipped else "")]
+    lines.append(f"  {'class':<{width}}{'n':>6}  {'recall':>8}" + (f"  {'flip TTA':>8}" if flipped else ""))
+    support = plain.confusion.sum(axis=1)
+    for i, name in enumerate(classes):
+        row = f"  {name:<{width}}{support[i]:>6}  {_fmt(plain.per_class_recall[name]):>8}"
+        if flipped:
+            row += f"  {_fmt(flipped.per_class_recall[name]):>8}"
+        lines.append(row)
+    lines.append("  confusion (rows = true, columns = predicted):")
+    lines.append("  " + " " * width + "".join(f"{c[:8]:>9}" for c in classes))
+    for i, name in enumerate(classes):
+        lines.append(f"  {name:<{width}}" + "".join(f"{v:>9}" for v in plain.confusion[i]))
+    return "\n".join(lines)
+
+
+def draw_confusion(confusion: IntArray, classes: Sequence[str], title: str) -> npt.NDArray[np.uint8]:
+    """Cells shaded by row share (recall on the diagonal), annotated with counts."""
+    cell, left, top, font = 64, 120, 120, cv2.FONT_HERSHEY_SIMPLEX
+    k = len(classes)
+    image = np.full((top + k * cell + 40, left + k * cell + 20, 3), 255, dtype=np.uint8)
+    rows = confusion.sum(axis=1, keepdims=True)
+    share = np.divide(confusion, rows, out=np.zeros(confusion.shape), where=rows > 0)
+    shades = cv2.applyColorMap((share * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS)
+    for i in range(k):
+        for j in range(k):
+            y, x = top + i * cell, left + j * cell
+            colour = tuple(int(c) for c in shades[i, j])
+            cv2.rectangle(image, (x, y), (x + cell - 1, y + cell - 1), colour, thickness=-1)
+            ink = (0, 0, 0) if share[i, j] > 0.6 else (255, 255, 255)
+            cv2.putText(image, str(confusion[i, j]), (x + 6, y + cell // 2 + 5), font, 0.45, ink, 1, cv2.LINE_AA)
+        cv2.putText(image, classes[i][:10], (6, top + i * cell + cell // 2 + 5), font, 0.45, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    _draw_column_names(image, classes, left, top, cell)
+    cv2.putText(image, title, (6, 22), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(image, "rows: true class, columns: predicted", (6, image.shape[0] - 14), font, 0.45,
+                (80, 80, 80), 1, cv2.LINE_AA)
+    return image
+
+
+def _draw_column_names(image: npt.NDArray[np.uint8], classes: Sequence[str], left: int, top: int, cell: int) -> None:
+    # cv2 cannot write rotated text: draw the names on a strip and rotate the strip instead.
+    strip = np.full((len(classes) * cell, top - 40, 3), 255, dtype=np.uint8)
+    for j, name in enumerate(classes):
+        cv2.putText(strip, name[:10], (4, j * cell + cell // 2 + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    rotated = cv2.rotate(strip, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    image[40:top, left:left + rotated.shape[1]] = rotated
+
+
+def png_path(base: Path, source: Path, several: bool) -> Path:
+    return base.with_name(f"{base.stem}_{source.stem}{base.suffix or '.png'}") if several else base
+
+
+def write_png(path: Path, image: npt.NDArray[np.uint8]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), image):
+        raise OSError(f"{path}: cannot write image")
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    meta = read_meta(args.model)
+    sets = load_sets(args.npz, meta)
+    clf = load_classifier(args.model, args.runtime, args.threads)
+    preds = [predict_set(clf, path, faces, args.batch_size, args.flip_tta) for path, faces in zip(args.npz, sets,
+                                                                                                   strict=True)]
+    files = [_report_file(p, meta.classes, args) for p in preds]
+    combined = _combine(preds)
+    summary = _report(f"all {len(preds)} files", combined, meta.classes) if len(preds) > 1 else files[0]
+    return {"model_version": meta.version, "runtime": clf.runtime, "model": str(args.model),
+            "classes": list(meta.classes), **summary, "files": files}
+
+
+def _report_file(pred: Predictions, classes: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
+    result = {"path": str(pred.path), **_report(pred.path.name, pred, classes)}
+    if args.confusion_png is not None:
+        target = png_path(args.confusion_png, pred.path, several=len(args.npz) > 1)
+        title = f"{pred.path.name}: accuracy {result['accuracy']:.4f} ({result['n']} faces)"
+        write_png(target, draw_confusion(np.asarray(result["confusion"], dtype=np.int64), classes, title))
+        result["confusion_png"] = str(target)
+    return result
+
+
+def _report(title: str, pred: Predictions, classes: Sequence[str]) -> dict[str, Any]:
+    """Print the human-readable figures and return the JSON ones."""
+    plain = score(pred.labels, pred.plain, classes)
+    flipped = score(pred.labels, pred.flipped, classes) if pred.flipped is not None else None
+    print(format_scores(title, plain, flipped, classes), flush=True)
+    result = scores_json(plain)
+    if flipped is not None:
+        result["flip_tta"] = {"accuracy": flipped.accuracy, "per_class_recall": flipped.per_class_recall}
+    return result
+
+
+def _combine(preds: Sequence[Predictions]) -> Predictions:
+    flipped = [p.flipped for p in preds if p.flipped is not None]
+    return Predictions(
+        Path("all"),
+        np.concatenate([p.labels for p in preds]),
+        np.concatenate([p.plain for p in preds]),
+        np.concatenate(flipped) if len(flipped) == len(preds) else None,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        summary = evaluate(args)
+    except (DatasetError, BundleError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

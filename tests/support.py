@@ -1,0 +1,138 @@
+"""Test helpers: real redis-server processes, service processes, frames with faces."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+FER_DIR = REPO.parent / "shared" / "data" / "fer2013"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class RedisServer:
+    """A redis-server on a free loopback port, restartable (for fault tests)."""
+
+    def __init__(self, extra_args: list[str] | None = None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server not installed")
+        self.binary = binary
+        self.port = free_port()
+        self.extra_args = extra_args or []
+        self.dir = tempfile.mkdtemp(prefix="es-test-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=5)
+
+    def start(self) -> RedisServer:
+        cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", self.dir, *self.extra_args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        probe = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+
+        def ready() -> bool:
+            try:
+                return bool(probe.ping())
+            except redis.AuthenticationError:
+                return True
+            except redis.RedisError:
+                return False
+
+        wait_for(ready, 10, what=f"redis-server on {self.port}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+class Service:
+    """One service (`python -m services.NAME`) as a child process with its log captured."""
+
+    def __init__(self, name: str, config: Path, env: dict[str, str], log_dir: Path, tag: str = "") -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}{tag}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", f"services.{name}", "--config", str(config)],
+                                     cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return int(self.proc.returncode)
+
+
+def service_env(redis_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ES_") and k != "REDIS_URL"}
+    env.update({"ES_REDIS__URL": redis_url, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"})
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def pipeline(tmp: Path, redis_url: str, config: dict[str, Any], services: tuple[str, ...] = ("classify", "detect",
+             "ingest"), **env: str) -> Iterator[dict[str, Service]]:
+    """Start the given services with one shared YAML config; stop them all afterwards."""
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    procs: dict[str, Service] = {}
+    try:
+        for name in services:
+            procs[name] = Service(name, path, service_env(redis_url, ES_CONSUMER=f"{name}-test", **env), tmp)
+        yield procs
+    finally:
+        for svc in procs.values():
+            svc.stop()
+
+
+def fer_face(label: int, index: int = 0) -> np.ndarray:
+    """A 48x48 FER2013 PublicTest face of the given class."""
+    with np.load(FER_DIR / "publictest.npz") as data:
+        faces = data["images"][data["labels"] == label]
+    return np.asarray(faces[index])

@@ -1,0 +1,56 @@
+"""Crop geometry: square, centred, margin, padded at the frame edges."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shared.detection import DetectorSettings, HaarDetector, crop_face, crop_region, detect_and_crop
+from shared.schema import Box
+
+
+def test_region_is_square_centred_with_margin() -> None:
+    region = crop_region(Box(100, 50, 40, 60), margin=0.25)
+    assert region.side == 90  # max(40, 60) * 1.5
+    assert region.x0 + region.side / 2 == pytest.approx(120, abs=0.5)
+    assert region.y0 + region.side / 2 == pytest.approx(80, abs=0.5)
+
+
+def test_crop_is_64x64_grey_and_samples_the_box() -> None:
+    frame = np.zeros((200, 300), dtype=np.uint8)
+    frame[50:150, 100:200] = 255
+    crop = crop_face(frame, Box(100, 50, 100, 100), margin=0.0)
+    assert crop.shape == (64, 64) and crop.dtype == np.uint8
+    assert crop.min() == 255
+
+
+def test_margin_brings_in_the_surroundings() -> None:
+    frame = np.zeros((200, 300), dtype=np.uint8)
+    frame[50:150, 100:200] = 255
+    crop = crop_face(frame, Box(100, 50, 100, 100), margin=0.25)
+    assert crop[32, 32] == 255
+    assert crop[0, 0] == 0 and crop[63, 63] == 0
+
+
+def test_crop_at_the_corner_is_padded_by_replicating_the_edge() -> None:
+    frame = np.full((100, 100), 7, dtype=np.uint8)
+    frame[:10, :10] = 200
+    crop = crop_face(frame, Box(0, 0, 20, 20), margin=0.5)
+    assert crop.shape == (64, 64)
+    assert crop[0, 0] == 200  # replicated from the corner, not black
+
+
+def test_haar_finds_the_astronaut_and_downscaled_detection_maps_back() -> None:
+    from shared.sample import render_frames
+
+    frame = render_frames(1)[0]
+    full = detect_and_crop(HaarDetector(DetectorSettings()), frame, margin=0.1)
+    small = detect_and_crop(HaarDetector(DetectorSettings(downscale_width=320)), frame, margin=0.1)
+    assert len(full) == 1 and len(small) == 1
+    a, b = full[0].box, small[0].box
+    assert abs(a.x - b.x) < 0.15 * a.w and abs(a.w - b.w) < 0.2 * a.w
+    assert full[0].crop.shape == (64, 64)
+
+
+def test_no_face_in_a_flat_image() -> None:
+    assert detect_and_crop(HaarDetector(DetectorSettings()), np.full((240, 320), 128, np.uint8), 0.1) == []
