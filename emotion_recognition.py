@@ -4,7 +4,7 @@
     python emotion_recognition.py --input clip.mp4 --every 5 --json --output annotated.mp4
 
 Faces are found and classified by the same code the detect and classify services run
-(``shared.detection`` and ``shared.classifier``), so a result here matches the pipeline's.
+(``shared.detection`` and ``shared.classifier``); only Redis and the JPEG hop between services are left out.
 Exit status: 0 on success (also when no face is found), 2 for a bad input, output or model.
 """
 
@@ -188,12 +188,16 @@ def open_classifier(bundle: Path, runtime: Runtime) -> Classifier:
     try:
         # warming every batch bucket pays off in a long-running service, not for one file
         clf = load_classifier(bundle, runtime, warm=False)
-        # one tiny batch now, so a bundle whose class list does not fit its network fails before any output
-        clf.predict(np.zeros((1, FACE_SIZE, FACE_SIZE), dtype=np.uint8))
     except BundleError as exc:
         raise CliError(f"{exc} (choose a bundle with --model)") from exc
     except (ImportError, OSError, ValueError, RuntimeError) as exc:
         raise CliError(f"model bundle {bundle} does not load with runtime '{runtime}': {exc}") from exc
+    try:
+        # one tiny batch now, so a class list that does not fit the network fails before any output
+        clf.predict(np.zeros((1, FACE_SIZE, FACE_SIZE), dtype=np.uint8))
+    except ValueError as exc:
+        raise CliError(f"model bundle {bundle}: the network's output does not match the "
+                       f"{len(clf.classes)} classes in its model.json ({exc})") from exc
     return clf
 
 

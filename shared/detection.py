@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import cv2
 import numpy as np
@@ -45,9 +45,14 @@ class Detector(Protocol):
         """Faces in a grey frame, in its pixel coordinates."""
 
 
+def default_cascade() -> Path:
+    """The frontal-face cascade inside the OpenCV wheel."""
+    return Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"  # type: ignore[attr-defined]
+
+
 class HaarDetector:
     def __init__(self, cfg: DetectorSettings) -> None:
-        path = cfg.cascade or Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
+        path = cfg.cascade or default_cascade()
         self._cascade = cv2.CascadeClassifier(str(path))
         if self._cascade.empty():
             raise ValueError(f"cannot load Haar cascade {path}")
@@ -56,7 +61,7 @@ class HaarDetector:
     def detect(self, gray: UInt8Array) -> list[Box]:
         scale = _downscale(gray, self.cfg.downscale_width)
         small = gray if scale == 1.0 else cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        min_side = max(8, int(round(self.cfg.min_size * scale)))
+        min_side = max(8, round(self.cfg.min_size * scale))
         found = self._cascade.detectMultiScale(small, scaleFactor=self.cfg.scale_factor,
                                                minNeighbors=self.cfg.min_neighbors, minSize=(min_side, min_side))
         return [_scaled_box(tuple(int(v) for v in f), 1.0 / scale) for f in found]
@@ -100,7 +105,7 @@ def _downscale(gray: UInt8Array, width: int) -> float:
 
 def _scaled_box(xywh: tuple[int, ...], factor: float) -> Box:
     x, y, w, h = xywh
-    return Box(int(round(x * factor)), int(round(y * factor)), int(round(w * factor)), int(round(h * factor)))
+    return Box(round(x * factor), round(y * factor), round(w * factor), round(h * factor))
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,7 @@ class CropRegion:
 
 def crop_region(box: Box, margin: float) -> CropRegion:
     """Square around the box's centre, side = max(w, h) * (1 + 2 * margin)."""
-    side = max(1, int(round(max(box.w, box.h) * (1.0 + 2.0 * margin))))
+    side = max(1, round(max(box.w, box.h) * (1.0 + 2.0 * margin)))
     cx2 = 2 * box.x + box.w  # twice the centre: integer arithmetic, no drift
     cy2 = 2 * box.y + box.h
     return CropRegion(x0=(cx2 - side) // 2, y0=(cy2 - side) // 2, side=side)
@@ -129,9 +134,9 @@ def crop_face(gray: UInt8Array, box: Box, margin: float, size: int = FACE_SIZE) 
     pad_r, pad_b = max(0, x1 - w), max(0, y1 - h)
     inner = gray[max(0, region.y0):min(h, y1), max(0, region.x0):min(w, x1)]
     if pad_l or pad_t or pad_r or pad_b:
-        inner = cv2.copyMakeBorder(inner, pad_t, pad_b, pad_l, pad_r, cv2.BORDER_REPLICATE)
+        inner = cast(UInt8Array, cv2.copyMakeBorder(inner, pad_t, pad_b, pad_l, pad_r, cv2.BORDER_REPLICATE))
     interp = cv2.INTER_AREA if region.side > size else cv2.INTER_LINEAR
-    return cv2.resize(inner, (size, size), interpolation=interp)  # type: ignore[no-any-return]
+    return cast(UInt8Array, cv2.resize(inner, (size, size), interpolation=interp))
 
 
 @dataclass(frozen=True)

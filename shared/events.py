@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
@@ -60,6 +61,7 @@ class EventReader:
     def poll(self) -> list[EventMsg]:
         """One blocking read; returns the matching events (maybe none)."""
         stream = self.keys.events
+        reply: Any
         if self.group:
             reply = self.r.xreadgroup(self.group, self.consumer, {stream: ">"}, count=256, block=self.block_ms)
         else:

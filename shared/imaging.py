@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import cv2
 import numpy as np
 import numpy.typing as npt
@@ -16,8 +18,8 @@ def to_gray(image: UInt8Array) -> UInt8Array:
     if image.ndim == 2:
         return image
     if image.shape[2] == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY)  # type: ignore[no-any-return]
-    return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)  # type: ignore[no-any-return]
+        return cast(UInt8Array, cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY))
+    return cast(UInt8Array, cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
 
 
 def resize_face(face: UInt8Array, size: int = FACE_SIZE) -> UInt8Array:
@@ -26,7 +28,7 @@ def resize_face(face: UInt8Array, size: int = FACE_SIZE) -> UInt8Array:
         return face
     shrinking = face.shape[0] > size or face.shape[1] > size
     interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return cv2.resize(face, (size, size), interpolation=interp)  # type: ignore[no-any-return]
+    return cast(UInt8Array, cv2.resize(face, (size, size), interpolation=interp))
 
 
 def resize_faces(faces: UInt8Array, size: int = FACE_SIZE) -> UInt8Array:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import cast
 
 import cv2
 import numpy as np
@@ -24,19 +25,19 @@ def cache_dir() -> Path:
 def astronaut_bgr() -> UInt8Array:
     from skimage import data  # the photo ships inside the scikit-image wheel
 
-    return cv2.cvtColor(np.asarray(data.astronaut()), cv2.COLOR_RGB2BGR)  # type: ignore[no-any-return]
+    return cast(UInt8Array, cv2.cvtColor(np.asarray(data.astronaut()), cv2.COLOR_RGB2BGR))
 
 
 def render_frames(n: int = FPS * SECONDS, width: int = WIDTH, height: int = HEIGHT) -> list[UInt8Array]:
     """The photo, scaled to 3/4 of the frame height, panning left to right and back."""
     photo = astronaut_bgr()
     side = int(height * 0.75)
-    photo = cv2.resize(photo, (side, side), interpolation=cv2.INTER_AREA)
+    photo = cast(UInt8Array, cv2.resize(photo, (side, side), interpolation=cv2.INTER_AREA))
     frames = []
     y = (height - side) // 2
     for i in range(n):
         phase = 0.5 - 0.5 * np.cos(2 * np.pi * i / max(1, n))
-        x = int(round(phase * (width - side)))
+        x = round(phase * (width - side))
         canvas = np.full((height, width, 3), 60, dtype=np.uint8)
         canvas[y:y + side, x:x + side] = photo
         frames.append(canvas)

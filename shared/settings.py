@@ -118,18 +118,6 @@ def read_yaml(path: Path | None) -> dict[str, Any]:
     return data
 
 
-def _lookup(data: dict[str, Any], loc: tuple[Any, ...]) -> Any:
-    cur: Any = data
-    for part in loc:
-        if isinstance(cur, dict) and part in cur:
-            cur = cur[part]
-        elif isinstance(cur, list) and isinstance(part, int) and part < len(cur):
-            cur = cur[part]
-        else:
-            return None
-    return cur
-
-
 def format_errors(exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():

@@ -6,9 +6,9 @@ Key names carry a ``{hash tag}`` so a camera's keys land on one Redis Cluster sl
 from __future__ import annotations
 
 import logging
+import os
 import random
 import socket
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass

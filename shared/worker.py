@@ -104,10 +104,10 @@ class StreamWorker(ABC):
     def block_ms(self) -> int:
         return self.settings.streams.block_ms
 
-    def idle(self) -> None:
+    def idle(self) -> None:  # noqa: B027 (optional hook)
         """Called when a read returned nothing (e.g. to flush a partial batch)."""
 
-    def drain(self) -> None:
+    def drain(self) -> None:  # noqa: B027 (optional hook)
         """Called once after the loop stops, to finish in-flight work."""
 
     # -- loop -------------------------------------------------------------

@@ -11,9 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import FER_DIR, RedisServer  # noqa: E402
+from support import FER_DIR, RedisServer
 
-from shared.model_bundle import DEFAULT_BUNDLE, META_FILE  # noqa: E402
+from shared.model_bundle import DEFAULT_BUNDLE, META_FILE
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ class ArchConfig:
 
 
 def _channels(base: int, width: float) -> int:
-    return max(4, int(round(base * width / 4.0)) * 4)
+    return max(4, round(base * width / 4.0) * 4)
 
 
 def _module(x: keras.KerasTensor, channels: int, reg: regularizers.Regularizer | None) -> keras.KerasTensor:

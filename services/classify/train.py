@@ -24,14 +24,14 @@ from typing import Any
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
 
-from services.classify.datasets import FaceSet, default_fer_dir, load_any  # noqa: E402
-from services.classify.export import write_bundle  # noqa: E402
-from services.classify.model import ArchConfig, build_model, count_macs  # noqa: E402
-from shared.model_bundle import KERAS_FILE, read_meta  # noqa: E402
+from services.classify.datasets import FaceSet, default_fer_dir, load_any
+from services.classify.export import write_bundle
+from services.classify.model import ArchConfig, build_model, count_macs
+from shared.model_bundle import KERAS_FILE, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-epochs", type=float, default=2.0)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--ema", type=float, default=0.0, help="weight EMA momentum (0 = off; off by default: Keras averages no BN statistics)")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="weight EMA momentum (0 = off, the default: Keras averages no BatchNorm statistics)")
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = published)")
     p.add_argument("--internal-size", type=int, default=48, help="trunk resolution (64 = published)")
     p.add_argument("--dropout", type=float, default=0.0)

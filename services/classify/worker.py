@@ -73,7 +73,7 @@ class ClassifyWorker(StreamWorker):
         return max(1, int(left))
 
     def handle(self, entries: list[Entry]) -> None:
-        bad = []
+        bad: list[tuple[Entry, DecodeError]] = []
         for entry in entries:
             try:
                 msg = decode_faces(entry.payload or b"")
@@ -84,8 +84,8 @@ class ClassifyWorker(StreamWorker):
             self._faces_waiting += len(msg.faces)
         if bad:
             pipe = self.r.pipeline(transaction=False)
-            for entry, exc in bad:
-                self.dead_letter(pipe, entry, exc.reason, exc.detail)
+            for bad_entry, error in bad:
+                self.dead_letter(pipe, bad_entry, error.reason, error.detail)
             pipe.execute()
         if self._faces_waiting >= self.cfg.max_batch or self._due():
             self.flush()

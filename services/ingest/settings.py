@@ -7,6 +7,7 @@ from pydantic import Field, field_validator, model_validator
 from shared.settings import Section, ServiceSettings
 from shared.sources import source_kind
 
+
 class CameraSettings(Section):
     id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="camera id")
     url: str = Field(min_length=1, description="file path, rtsp://, http(s):// MJPEG URL, or USB device index")

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import cv2
 
@@ -30,7 +31,7 @@ class SourceError(RuntimeError):
     """The source could not be opened or stopped giving frames."""
 
 
-class EndOfStream(Exception):
+class EndOfStream(Exception):  # noqa: N818 (an outcome, not an error)
     """A file source reached its end and does not loop."""
 
 
@@ -81,13 +82,13 @@ class VideoSource:
             raise SourceError("source is not open")
         ok, image = self._cap.read()
         if ok and image is not None and image.size:
-            return Frame(image=image, capture_ts=time.time())
+            return Frame(image=cast(UInt8Array, image), capture_ts=time.time())
         if self.is_file:
             if self.cam.loop:
                 self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
                 ok, image = self._cap.read()
                 if ok and image is not None:
-                    return Frame(image=image, capture_ts=time.time())
+                    return Frame(image=cast(UInt8Array, image), capture_ts=time.time())
             raise EndOfStream(self.cam.id)
         raise SourceError(f"{self.safe_url} stopped giving frames")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import cast
 
 import cv2
 import numpy as np
@@ -14,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from services.ingest.settings import CameraSettings, IngestSettings
 from services.ingest.source import EndOfStream, Frame, SourceError, SourceState, VideoSource
 from shared.health import LATENCY_BUCKETS, CommonMetrics, Heartbeat
-from shared.imaging import to_gray
+from shared.imaging import UInt8Array, to_gray
 from shared.schema import FIELD, FrameMsg, encode_frame
 from shared.streams import CONNECTION_ERRORS, Backoff, Keys
 from shared.worker import Stopper
@@ -163,7 +164,7 @@ class CameraReader(threading.Thread):
         image = frame.image
         if image.shape[1] > self.opts.max_width:
             scale = self.opts.max_width / image.shape[1]
-            image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+            image = cast(UInt8Array, cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA))
         if self.opts.grayscale:
             image = to_gray(image)
         quality = self.cam.jpeg_quality or self.opts.jpeg_quality
@@ -185,7 +186,7 @@ class CameraReader(threading.Thread):
         scale = min(1.0, self.opts.max_width / w)
         try:
             msg = FrameMsg(camera=self.cam.id, seq=self.seq.next(), capture_ts=frame.capture_ts,
-                           width=int(round(w * scale)), height=int(round(h * scale)), jpeg=jpeg)
+                           width=round(w * scale), height=round(h * scale), jpeg=jpeg)
             self.r.xadd(self.stream, {FIELD: encode_frame(msg)}, maxlen=self.opts.stream_maxlen, approximate=True)
         except CONNECTION_ERRORS as exc:
             self.metrics.drop(self.cam.id, "redis_unavailable")
