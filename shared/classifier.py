@@ -151,6 +151,14 @@ def litert_available() -> bool:
     return True
 
 
+def _check_output_width(clf: _BucketedClassifier, bundle: Path) -> None:
+    size = clf.meta.input_size
+    width = clf._run(np.zeros((1, size, size, 1), dtype=np.float32)).shape[-1]
+    if width != len(clf.classes):
+        raise BundleError(f"model bundle {bundle}: the network has {width} outputs but model.json lists "
+                          f"{len(clf.classes)} classes")
+
+
 def load_classifier(bundle: Path | None = None, runtime: Runtime = "auto", threads: int = 0,
                     warm: bool = True) -> _BucketedClassifier:
     """Open a model bundle with the chosen runtime (``auto``: LiteRT when installed)."""
@@ -164,6 +172,7 @@ def load_classifier(bundle: Path | None = None, runtime: Runtime = "auto", threa
         clf = LiteRTClassifier(bundle, meta, threads or 1)
     else:
         clf = TensorFlowClassifier(bundle, meta, threads)
+    _check_output_width(clf, bundle)
     if warm:
         clf.warm_up()
     log.info("model %s (%s) via %s, classes %s", meta.version, bundle, clf.runtime, ",".join(meta.classes))
