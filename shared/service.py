@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -36,4 +38,6 @@ def service_main(prog: str, description: str, settings_cls: type[S], run: Callab
         print("config ok")
         return 0
     setup_logging(settings.log_level)
+    # `kill -USR1 <pid>` prints every thread's stack: the first thing to look at when a worker hangs.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     return run(settings)

@@ -40,21 +40,36 @@ log = logging.getLogger(__name__)
 
 
 class Stopper:
-    """First SIGTERM/SIGINT asks for a drain; the second exits at once."""
+    """First SIGTERM/SIGINT asks for a drain; the second exits at once.
+
+    The signal handler only flips a flag: taking a lock there (``Event.set``, logging) can
+    deadlock when the signal lands while the main thread holds that same lock.
+    """
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._stop = False
+        self._announced = False
         self.signals = 0
 
     @property
     def stopping(self) -> bool:
-        return self._event.is_set()
+        if self._stop and not self._announced:
+            self._announced = True
+            log.info("stop requested: draining (a second SIGTERM exits at once)")
+        return self._stop
 
     def stop(self) -> None:
-        self._event.set()
+        self._stop = True
 
     def wait(self, seconds: float) -> bool:
-        return self._event.wait(seconds)
+        """Sleep up to ``seconds``, waking early when a stop is requested; True if stopping."""
+        end = time.monotonic() + seconds
+        while not self._stop:
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(left, 0.05))
+        return self._stop
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._handle)
@@ -63,10 +78,8 @@ class Stopper:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signals += 1
         if self.signals >= 2:
-            log.warning("second %s: exiting now", signal.Signals(signum).name)
             os._exit(128 + signum)
-        log.info("%s: draining (send it again to exit at once)", signal.Signals(signum).name)
-        self._event.set()
+        self._stop = True
 
 
 class StreamWorker(ABC):

@@ -102,6 +102,8 @@ class Service:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGUSR1)  # stacks into the log, for the failure report
+                time.sleep(0.5)
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()

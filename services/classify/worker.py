@@ -109,11 +109,22 @@ class ClassifyWorker(StreamWorker):
         probs = np.zeros((0, len(self.classifier.classes)), dtype=np.float32)
         if crops:
             started = time.perf_counter()
-            probs = self.classifier.predict(np.stack(crops))
+            try:
+                probs = self.classifier.predict(np.stack(crops))
+            except Exception as exc:  # a failing batch is dead-lettered, the worker goes on
+                log.exception("inference failed on %d faces", len(crops))
+                self._reject_all(waiting, f"{type(exc).__name__}: {exc}")
+                return
             self.metrics.inference.observe(time.perf_counter() - started)
             self.metrics.batch.observe(len(crops))
         # On a Redis error nothing is acked: the entries stay pending and are reclaimed later.
         self._publish(waiting, probs)
+
+    def _reject_all(self, waiting: list[Waiting], detail: str) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        for w in waiting:
+            self.dead_letter(pipe, w.entry, "inference_error", detail)
+        pipe.execute()
 
     def _publish(self, waiting: list[Waiting], probs: np.ndarray) -> None:
         pipe = self.r.pipeline(transaction=False)

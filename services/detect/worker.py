@@ -62,7 +62,12 @@ class DetectWorker(StreamWorker):
     def handle(self, entries: list[Entry]) -> None:
         pipe = self.r.pipeline(transaction=False)
         for entry in entries:
-            self._process(pipe, entry)
+            try:
+                self._process(pipe, entry)
+            except Exception as exc:  # one bad frame must not stop the worker: dead-letter it
+                log.exception("processing %s %s failed", entry.stream, entry.id)
+                camera = self.keys.camera_from_frames(entry.stream)
+                self._reject(pipe, entry, camera, "processing_error", f"{type(exc).__name__}: {exc}")
             pipe.xack(entry.stream, self.group, entry.id)
         pipe.execute()
 

@@ -53,11 +53,20 @@ class SeqAllocator:
 
     def next(self) -> int:
         if self._next >= self._end:
-            self._end = int(self.r.incrby(self.key, SEQ_BLOCK))
-            self._next = self._end - SEQ_BLOCK
+            self._reserve()
         value = self._next
         self._next += 1
         return value
+
+
+    def _reserve(self) -> None:
+        end = int(self.r.incrby(self.key, SEQ_BLOCK))
+        if end - SEQ_BLOCK < self._next:
+            # Redis lost the counter (restarted empty): never hand out a number twice.
+            end = self._next + SEQ_BLOCK
+            self.r.set(self.key, end)
+        self._end = end
+        self._next = end - SEQ_BLOCK
 
 
 class CameraReader(threading.Thread):
