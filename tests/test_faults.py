@@ -112,10 +112,15 @@ def test_redis_restart_recovers_within_5s(tmp_path: Path, redis_server: RedisSer
 
 
 def camera_metric(port: int, name: str, camera: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(f'{name}{{camera="{camera}"}}'):
-                return float(line.rsplit(" ", 1)[1])
+    """The sample's value; -1 while the endpoint is not up yet."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return -1.0
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{camera="{camera}"}}'):
+            return float(line.rsplit(" ", 1)[1])
     return 0.0
 
 
@@ -214,7 +219,8 @@ def test_sigterm_drains_and_exits_0_and_a_second_exits_at_once(tmp_path: Path, r
         wait_for(lambda: _healthy(metrics_port), 60, what=f"{service} healthy again")
         os.kill(proc.pid, signal.SIGTERM)
         os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(5) in (0, 128 + signal.SIGTERM)
+        code = proc.wait(5)
+        assert code in (0, 128 + signal.SIGTERM), f"exit code {code}:\n{procs[service].log()[-2000:]}"
 
 
 def _healthy(port: int) -> bool:

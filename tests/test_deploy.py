@@ -1,0 +1,454 @@
+"""Deployment files: Prometheus config and alert rules, Grafana dashboards, docker-compose, Kubernetes.
+
+The checks in plain Python (wiring between the files, metric names, settings files) always run.
+Those marked ``integration`` run the real tools (promtool, docker-compose, kubectl kustomize,
+kubernetes-validate) and skip, saying which tool is missing, where it is not installed;
+``bash deploy/run.sh test`` installs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from services.classify.settings import ClassifySettings
+from services.detect.settings import DetectSettings
+from services.ingest.settings import IngestSettings
+from shared.settings import ServiceSettings, load
+from shared.streams import Keys
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+PROMETHEUS = DEPLOY / "prometheus"
+GRAFANA = DEPLOY / "grafana"
+DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
+COMPOSE = ROOT / "docker-compose.yml"
+K8S_BASE = DEPLOY / "k8s" / "base"
+K8S_OVERLAY = DEPLOY / "k8s" / "overlays" / "external-redis"
+SERVICES = ("ingest", "detect", "classify")
+METRICS_PORT = 9100
+CRD_GROUPS = ("keda.sh/",)  # custom resources kubernetes-validate has no schema for
+
+integration = pytest.mark.integration
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def tool(name: str) -> str:
+    """Path of an external tool (PATH, then this interpreter's bin/); skips the test when absent."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.skip(f"{name} is not installed (bash deploy/run.sh test installs it)")
+    return found
+
+
+def run(cmd: list[str], cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def read_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def yaml_docs(text: str) -> list[dict[str, Any]]:
+    """Non-empty YAML documents (old kustomize leaves ``{}`` where a patch deleted an object)."""
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def is_crd(doc: dict[str, Any]) -> bool:
+    return str(doc.get("apiVersion", "")).startswith(CRD_GROUPS)
+
+
+def compose() -> dict[str, Any]:
+    data = read_yaml(COMPOSE)
+    assert isinstance(data, dict)
+    return data
+
+
+def isolate_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    """Only ``env`` of the settings variables (ES_*, REDIS_URL) is set."""
+    for key in list(os.environ):
+        if key.startswith("ES_") or key == "REDIS_URL":
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+
+
+# ----------------------------------------------------------------------------- metric names
+
+METRIC_CALL = re.compile(r"\b(Counter|Gauge|Histogram|Summary|Info|Enum)\(\s*\"(es_\w+)\"")
+SUFFIXES = {
+    "Counter": ("_total", "_created"),
+    "Gauge": ("",),
+    "Histogram": ("_bucket", "_count", "_sum", "_created"),
+    "Summary": ("", "_count", "_sum", "_created"),
+    "Info": ("_info",),
+    "Enum": ("",),
+}
+
+
+def service_metric_names() -> set[str]:
+    """Every sample name the services expose, from the metric declarations in their source."""
+    names: set[str] = set()
+    for package in ("services", "shared"):
+        for path in (ROOT / package).rglob("*.py"):
+            for kind, name in METRIC_CALL.findall(path.read_text()):
+                base = name.removesuffix("_total") if kind == "Counter" else name
+                names.update(base + suffix for suffix in SUFFIXES[kind])
+    return names
+
+
+STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
+ES_NAME = re.compile(r"(?<![\w:])es_\w+")
+
+
+def es_names_in(expr: str) -> set[str]:
+    """The es_* metric names an expression uses (label values in quotes are ignored)."""
+    return set(ES_NAME.findall(STRING.sub('""', expr)))
+
+
+def test_metric_declarations_are_found_in_the_services() -> None:
+    names = service_metric_names()
+    # one of each kind, from each service and the shared module, as in the README's metrics table
+    for expected in ("es_frames_read_total", "es_camera_up", "es_ingest_encode_seconds_bucket",
+                     "es_detect_frames_total", "es_classify_batch_size_sum", "es_events_total",
+                     "es_end_to_end_seconds_bucket", "es_dead_letters_total", "es_heartbeat_timestamp_seconds",
+                     "es_service_info"):
+        assert expected in names
+    # a histogram is only queryable through its _bucket/_count/_sum series
+    assert "es_end_to_end_seconds" not in names
+
+
+def test_expression_metric_names_ignore_label_values() -> None:
+    assert es_names_in('rate(es_a_total{stream="es:frames:{x}", b=\'es_c\'}[5m]) / es_d') == {"es_a_total", "es_d"}
+
+
+# ----------------------------------------------------------------------------- dashboards
+
+
+def panels(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every panel of a dashboard, including those inside rows."""
+    for panel in node.get("panels", []):
+        yield panel
+        yield from panels(panel)
+
+
+def dashboard_targets(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(panel title, target) for every query of a dashboard: ``panels[].targets[].expr``."""
+    dash = json.loads(path.read_text())
+    return [(p["title"], t) for p in panels(dash) for t in p.get("targets", [])]
+
+
+def test_dashboards_exist() -> None:
+    assert {p.name for p in DASHBOARDS} >= {"pipeline-health.json", "emotions.json"}
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_dashboard_is_provisionable_json_with_a_prometheus_query_per_panel(path: Path) -> None:
+    dash = json.loads(path.read_text())
+    datasource_uid = read_yaml(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")["datasources"][0]["uid"]
+    assert dash["uid"] and dash["title"] and isinstance(dash["schemaVersion"], int)
+    all_panels = list(panels(dash))
+    ids = [p["id"] for p in all_panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for panel in all_panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["targets"], f"panel {panel['title']!r} has no query"
+        assert panel["datasource"]["uid"] == datasource_uid
+        ref_ids = [t["refId"] for t in panel["targets"]]
+        assert len(ref_ids) == len(set(ref_ids)), panel["title"]
+        for target in panel["targets"]:
+            assert target.get("expr", "").strip(), f"panel {panel['title']!r} target {target['refId']} has no expr"
+            assert "$" not in target["expr"], "expressions must run as they are (no dashboard variables)"
+
+
+@pytest.mark.parametrize("path", [*DASHBOARDS, PROMETHEUS / "alerts.yml"], ids=lambda p: p.name)
+def test_queries_use_only_metrics_the_services_define(path: Path) -> None:
+    if path.suffix == ".json":
+        exprs = [(title, t["expr"]) for title, t in dashboard_targets(path)]
+    else:
+        exprs = [(r["alert"], r["expr"]) for g in read_yaml(path)["groups"] for r in g["rules"]]
+    defined = service_metric_names()
+    unknown = {f"{where}: {name}" for where, expr in exprs for name in es_names_in(expr) - defined}
+    assert not unknown, f"metrics no service defines: {sorted(unknown)}"
+    assert any(es_names_in(expr) for _, expr in exprs)
+
+
+def test_pipeline_health_dashboard_covers_the_pipeline() -> None:
+    targets = dashboard_targets(GRAFANA / "dashboards" / "pipeline-health.json")
+    used = {name for _, t in targets for name in es_names_in(t["expr"])}
+    for name in ("es_frames_read_total", "es_frames_published_total", "es_detect_frames_total", "es_events_total",
+                 "es_frames_dropped_total", "es_end_to_end_seconds_bucket", "es_detect_seconds_bucket",
+                 "es_classify_batch_size_bucket", "es_heartbeat_timestamp_seconds", "es_dead_letters_total",
+                 "es_redis_errors_total", "es_camera_up"):
+        assert name in used, name
+    exprs = " ".join(t["expr"] for _, t in targets)
+    for q in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({q}, sum by (le) (rate(es_end_to_end_seconds_bucket" in exprs
+    assert "count by (job) (up" in exprs
+
+
+def test_emotions_dashboard_has_emotions_over_time_and_the_current_mix() -> None:
+    dash = json.loads((GRAFANA / "dashboards" / "emotions.json").read_text())
+    by_type: dict[str, list[str]] = {}
+    for panel in panels(dash):
+        for target in panel.get("targets", []):
+            by_type.setdefault(panel["type"], []).append(target["expr"])
+    assert any("by (camera, emotion)" in e and "es_events_total" in e for e in by_type["timeseries"])
+    assert any("by (emotion)" in e and "es_events_total" in e for e in by_type["piechart"])
+    assert any("es_events_total" in e for e in by_type["bargauge"])
+
+
+@integration
+def test_every_dashboard_expression_parses(tmp_path: Path) -> None:
+    promtool = tool("promtool")
+    rules = []
+    for path in DASHBOARDS:
+        stem = re.sub(r"\W", "_", path.stem)
+        for i, (_title, target) in enumerate(dashboard_targets(path)):
+            rules.append({"record": f"dashboard:{stem}:{i}_{target['refId']}", "expr": target["expr"]})
+    assert rules
+    rules_file = tmp_path / "dashboard_rules.yml"
+    rules_file.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
+    out = run([promtool, "check", "rules", str(rules_file)])
+    assert f"SUCCESS: {len(rules)} rules found" in out.stdout
+
+
+# ----------------------------------------------------------------------------- Prometheus
+
+
+@integration
+def test_promtool_accepts_the_prometheus_config() -> None:
+    out = run([tool("promtool"), "check", "config", str(PROMETHEUS / "prometheus.yml")])
+    assert "SUCCESS" in out.stdout
+
+
+@integration
+def test_promtool_accepts_the_alert_rules() -> None:
+    run([tool("promtool"), "check", "rules", str(PROMETHEUS / "alerts.yml")])
+
+
+@integration
+def test_alert_rule_unit_tests_pass() -> None:
+    run([tool("promtool"), "test", "rules", str(PROMETHEUS / "alerts_test.yml")], cwd=PROMETHEUS)
+
+
+def test_every_alert_has_unit_tests_that_fire_it_and_keep_it_quiet() -> None:
+    alerts = {r["alert"] for g in read_yaml(PROMETHEUS / "alerts.yml")["groups"] for r in g["rules"] if "alert" in r}
+    assert alerts >= {"CameraDown", "StreamLagGrowing", "EndToEndLatencyHigh", "DeadLettersAppearing", "ServiceMissing"}
+    fired: set[str] = set()
+    quiet: set[str] = set()
+    for test in read_yaml(PROMETHEUS / "alerts_test.yml")["tests"]:
+        for case in test.get("alert_rule_test", []):
+            (fired if case.get("exp_alerts") else quiet).add(case["alertname"])
+    assert fired == alerts
+    assert quiet == alerts
+
+
+def test_prometheus_scrapes_each_compose_service_on_its_metrics_port() -> None:
+    config = read_yaml(PROMETHEUS / "prometheus.yml")
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    services = compose()["services"]
+    for name in SERVICES:
+        sd = jobs[name]["dns_sd_configs"][0]
+        assert sd["names"] == [name] and name in services
+        assert sd["port"] == METRICS_PORT
+    assert config["rule_files"] == ["alerts.yml"]
+
+
+# ----------------------------------------------------------------------------- Grafana and compose
+
+
+def test_grafana_provisioning_matches_the_compose_mounts() -> None:
+    services = compose()["services"]
+    grafana_volumes = services["grafana"]["volumes"]
+    datasource = read_yaml(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")["datasources"][0]
+    assert datasource["type"] == "prometheus"
+    assert datasource["url"] == "http://prometheus:9090" and "prometheus" in services
+    provider = read_yaml(GRAFANA / "provisioning" / "dashboards" / "dashboards.yml")["providers"][0]
+    assert f"./deploy/grafana/dashboards:{provider['options']['path']}:ro" in grafana_volumes
+    assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana_volumes
+    assert "./deploy/prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
+
+
+def test_compose_runs_each_service_with_health_checks_config_and_redis() -> None:
+    services = compose()["services"]
+    assert services["redis"]["image"] == "redis:7-alpine"
+    assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert services["detect"]["deploy"]["replicas"] == 2
+    for name, svc in services.items():
+        assert svc["restart"] == "unless-stopped", name
+        assert "healthcheck" in svc, name
+    for name in SERVICES:
+        svc = services[name]
+        env = svc["environment"]
+        assert env["ES_REDIS__URL"] == "redis://redis:6379/0"
+        assert env["ES_METRICS__HOST"] == "0.0.0.0"
+        assert int(env["ES_METRICS__PORT"]) == METRICS_PORT
+        assert f"127.0.0.1:{METRICS_PORT}/healthz" in " ".join(svc["healthcheck"]["test"])
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+        source, target = svc["volumes"][0].split(":")[:2]
+        assert (ROOT / source).is_file() and svc["command"] == ["--config", target]
+        dockerfile = ROOT / svc["build"]["dockerfile"]
+        assert dockerfile == DEPLOY / "docker" / f"{name}.Dockerfile"
+        text = dockerfile.read_text()
+        assert "FROM python:3.11-slim" in text and "pip install" in text
+        assert f'"-m", "services.{name}"' in text
+
+
+@pytest.mark.parametrize("settings_cls", [IngestSettings, DetectSettings, ClassifySettings], ids=SERVICES)
+def test_compose_config_file_loads_with_the_compose_environment(
+    settings_cls: type[ServiceSettings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = compose()["services"][settings_cls.__name__.removesuffix("Settings").lower()]
+    isolate_env(monkeypatch, svc["environment"])
+    settings = load(settings_cls, ROOT / svc["volumes"][0].split(":")[0])
+    assert settings.redis.url == "redis://redis:6379/0"
+    assert (settings.metrics.host, settings.metrics.port) == ("0.0.0.0", METRICS_PORT)
+    if isinstance(settings, IngestSettings):
+        assert settings.cameras
+
+
+@integration
+def test_docker_compose_accepts_the_compose_file() -> None:
+    run([tool("docker-compose"), "-f", str(COMPOSE), "config", "-q"])
+
+
+# ----------------------------------------------------------------------------- Kubernetes
+
+
+def base_docs() -> list[dict[str, Any]]:
+    kustomization = read_yaml(K8S_BASE / "kustomization.yaml")
+    return [d for name in kustomization["resources"] for d in yaml_docs((K8S_BASE / name).read_text())]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} found"
+    return matches[0]
+
+
+def k8s_config(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The pipeline settings file of ConfigMap es-config, and the environment of ConfigMap es-env."""
+    config = yaml.safe_load(find(docs, "ConfigMap", "es-config")["data"]["config.yaml"])
+    return config, find(docs, "ConfigMap", "es-env")["data"]
+
+
+def test_k8s_deployments_have_probes_resources_services_and_budgets() -> None:
+    docs = base_docs()
+    for name in SERVICES:
+        pod = find(docs, "Deployment", name)["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        for probe in ("livenessProbe", "readinessProbe"):
+            port = container[probe]["httpGet"]["port"]
+            assert ports.get(port, port) == METRICS_PORT
+        assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+        assert {"cpu", "memory"} <= set(container["resources"]["limits"])
+        assert {"configMapRef": {"name": "es-env"}} in container["envFrom"]
+        assert any(v.get("configMap", {}).get("name") == "es-config" for v in pod["volumes"])
+        service = find(docs, "Service", name)
+        assert service["spec"]["ports"][0]["port"] == METRICS_PORT
+    for name in ("detect", "classify"):
+        find(docs, "PodDisruptionBudget", name)
+    find(docs, "Deployment", "redis")
+    find(docs, "Service", "redis")
+    assert find(docs, "Deployment", "ingest")["spec"]["replicas"] == 1
+
+
+@pytest.mark.parametrize("settings_cls", [IngestSettings, DetectSettings, ClassifySettings], ids=SERVICES)
+def test_k8s_config_loads_with_the_k8s_environment(
+    settings_cls: type[ServiceSettings], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config, env = k8s_config(base_docs())
+    isolate_env(monkeypatch, {k: v for k, v in env.items() if k.startswith("ES_")})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    settings = load(settings_cls, path)
+    assert settings.redis.url == env["ES_REDIS__URL"]
+    assert settings.metrics.port == METRICS_PORT
+
+
+def test_keda_scales_detect_on_every_camera_stream_and_classify_on_faces() -> None:
+    docs = base_docs()
+    config, env = k8s_config(docs)
+    keys = Keys(config.get("redis", {}).get("prefix", "es"))
+    expected = {
+        "detect": ({keys.frames(c["id"]) for c in config["cameras"]}, DetectSettings().detect.group),
+        "classify": ({keys.faces}, ClassifySettings().classify.group),
+    }
+    for name, (streams, group) in expected.items():
+        scaled = find(docs, "ScaledObject", name)
+        assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+        assert scaled["spec"]["scaleTargetRef"]["name"] == name
+        find(docs, "Deployment", name)
+        triggers = scaled["spec"]["triggers"]
+        assert {t["type"] for t in triggers} == {"redis-streams"}
+        assert {t["metadata"]["stream"] for t in triggers} == streams
+        for trigger in triggers:
+            meta = trigger["metadata"]
+            assert meta["consumerGroup"] == group
+            assert int(meta["lagCount"]) > 0
+            assert meta["addressFromEnv"] in env
+    assert "es:{faces}" in expected["classify"][0] and "es:frames:{lobby}" in expected["detect"][0]
+
+
+def kustomize(path: Path) -> list[dict[str, Any]]:
+    out = run([tool("kubectl"), "kustomize", str(path)])
+    return yaml_docs(out.stdout)
+
+
+def kubernetes_validate(docs: list[dict[str, Any]], tmp_path: Path) -> None:
+    """kubernetes-validate --strict on the core objects; KEDA's CRDs have no schema there and are left out."""
+    validate = tool("kubernetes-validate")
+    core = [d for d in docs if not is_crd(d)]
+    assert core
+    manifest = tmp_path / "core.yaml"
+    manifest.write_text(yaml.safe_dump_all(core))
+    out = run([validate, "--strict", str(manifest)])
+    assert out.stdout.count("passed for resource") == len(core), out.stdout
+
+
+@integration
+def test_kustomize_base_builds_and_validates(tmp_path: Path) -> None:
+    docs = kustomize(K8S_BASE)
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"emotion-stream"}
+    assert {d["kind"] for d in docs if is_crd(d)} == {"ScaledObject"}
+    find(docs, "Deployment", "redis")
+    kubernetes_validate(docs, tmp_path)
+
+
+@integration
+def test_kustomize_external_redis_overlay_drops_redis_and_repoints_the_url(tmp_path: Path) -> None:
+    docs = kustomize(K8S_OVERLAY)
+    assert not [d for d in docs if d["metadata"]["name"] == "redis"]
+    _, env = k8s_config(docs)
+    assert "redis://redis:" not in env["ES_REDIS__URL"]
+    assert env["KEDA_REDIS_ADDRESS"].split(":")[0] in env["ES_REDIS__URL"]
+    for name in SERVICES:
+        find(docs, "Deployment", name)
+    kubernetes_validate(docs, tmp_path)
+
+
+@integration
+def test_k8s_manifests_validate_without_kubectl(tmp_path: Path) -> None:
+    """The base files one by one, for machines without kubectl (kustomize adds only names and namespaces)."""
+    kubernetes_validate(base_docs(), tmp_path)
