@@ -229,3 +229,81 @@ def _healthy(port: int) -> bool:
             return resp.status == 200
     except OSError:
         return False
+
+
+def metric_sum(port: int, name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include ``labels`` (0 while the endpoint is not up)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return 0.0
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_overload_stays_bounded_and_every_frame_is_counted(tmp_path: Path, redis_server: RedisServer,
+                                                           model_bundle: Path) -> None:
+    video = write_video(tmp_path / "clip.mp4", render_frames(30), fps=30)
+    cams = [{"id": f"c{i}", "url": str(video), "fps": 30, "loop": True} for i in range(3)]
+    cfg = base_config(model_bundle, cams)
+    cfg["detect"] = {"max_frame_age_s": 0.5, "read_count": 4}
+    cfg["ingest"] = {"stream_maxlen": 100, "backpressure_lag": 50}
+    ports = {"detect": free_port(), "classify": free_port()}
+    r = redis_server.client()
+    with pipeline(tmp_path, redis_server.url, cfg, services=("ingest",)) as procs:
+        for name, port in ports.items():
+            procs[name] = Service(name, tmp_path / "config.yaml",
+                                  service_env(redis_server.url, ES_METRICS__PORT=str(port)), tmp_path)
+        wait_for(lambda: metric_sum(ports["classify"], "es_events_total") >= 5, 90, what="first events")
+        rss_start = {n: rss_kb(p.proc.pid) for n, p in procs.items()}
+        lengths = []
+        for _ in range(20):  # 20 s of overload
+            lengths.append(max(r.xlen(KEYS.frames(c["id"])) for c in cams))
+            time.sleep(1)
+        rss_end = {n: rss_kb(p.proc.pid) for n, p in procs.items()}
+        assert procs["ingest"].stop() == 0
+        for cam in cams:
+            wait_for(lambda c=cam: group_idle(redis_server, KEYS.frames(c["id"]), "detect"), 30, what="detect idle")
+        published = sum(decode_frame(r.xrevrange(KEYS.frames(c["id"]), count=1)[0][1][b"m"]).seq + 1 for c in cams)
+        processed = metric_sum(ports["detect"], "es_detect_frames_total")
+        dropped = metric_sum(ports["detect"], "es_frames_dropped_total", stage="detect")
+        stale = metric_sum(ports["detect"], "es_frames_dropped_total", stage="detect", reason="stale")
+        p99 = histogram_quantile(ports["classify"], "es_end_to_end_seconds", 0.99)
+    print(f"overload: published {published}, detected {processed:.0f}, dropped stale {stale:.0f}, "
+          f"max stream length {max(lengths)}, e2e p99 <= {p99}s, rss {rss_start} -> {rss_end}")
+    assert published == processed + dropped, "every published frame is processed or counted as dropped"
+    assert stale > 0, "the test must actually overload detect"
+    assert max(lengths) <= 100 + 100  # MAXLEN ~ trims whole macro nodes (100 entries)
+    assert p99 <= 1.5  # stale limit 0.5 s + detect + batching on a busy 2-core machine
+    for name in rss_start:
+        assert rss_end[name] - rss_start[name] < 50_000, f"{name} memory grew {rss_start} -> {rss_end}"
+
+
+def histogram_quantile(port: int, name: str, q: float) -> float:
+    """Upper bucket bound holding the q-quantile, from the cumulative buckets of all label sets."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            bound = float("inf") if le == "+Inf" else float(le)
+            buckets[bound] = buckets.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+    total = buckets.get(float("inf"), 0.0)
+    for bound in sorted(buckets):
+        if buckets[bound] >= q * total:
+            return bound
+    return float("inf")

@@ -31,12 +31,22 @@ class IngestOptions(Section):
     reconnect_initial_s: float = Field(0.5, gt=0, le=60, description="first reconnect delay")
     reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="cap of the reconnect delay")
     open_timeout_s: float = Field(10.0, gt=0, le=120, description="FFmpeg open timeout for network sources")
+    backpressure_lag: int = Field(150, ge=1, description="stop publishing a camera while its stream holds this many "
+                                  "frames no detect worker has read yet (Redis >= 7); must stay below stream_maxlen")
+    detect_group: str = Field("detect", min_length=1, description="the detect consumer group, for backpressure")
     max_frame_bytes: int = Field(8_000_000, ge=10_000, description="frames whose JPEG is larger are dropped")
 
 
 class IngestSettings(ServiceSettings):
     cameras: list[CameraSettings] = Field(default_factory=list, description="the cameras to read")
     ingest: IngestOptions = IngestOptions()
+
+    @model_validator(mode="after")
+    def _lag_below_maxlen(self) -> IngestSettings:
+        if self.ingest.backpressure_lag >= self.ingest.stream_maxlen:
+            raise ValueError(f"ingest.backpressure_lag ({self.ingest.backpressure_lag}) must be below "
+                             f"ingest.stream_maxlen ({self.ingest.stream_maxlen}): trimming would drop unread frames")
+        return self
 
     @model_validator(mode="after")
     def _unique_ids(self) -> IngestSettings:

@@ -42,6 +42,25 @@ class IngestMetrics(CommonMetrics):
                                 registry=registry)
 
 
+def stream_lag(r: redis.Redis, stream: str, group: str, cap: int) -> int:
+    """Entries in ``stream`` not yet delivered to ``group``, counted up to ``cap`` (0 without the group)."""
+    try:
+        groups = r.xinfo_groups(stream)
+    except redis.ResponseError:
+        return 0
+    for g in groups:
+        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+        if name != group:
+            continue
+        if g.get("lag") is not None:
+            return int(g["lag"])
+        # Redis < 7, or a lag Redis cannot tell: count what follows the last delivered entry.
+        last = g["last-delivered-id"]
+        last = last.decode() if isinstance(last, bytes) else str(last)
+        return len(r.xrange(stream, min=f"({last}", max="+", count=cap) or [])
+    return 0
+
+
 class SeqAllocator:
     """Frame numbers unique across restarts: reserved from Redis in blocks (one INCRBY per block)."""
 
@@ -90,6 +109,8 @@ class CameraReader(threading.Thread):
         self._backoff = Backoff(self.opts.reconnect_initial_s, self.opts.reconnect_max_s)
         self._redis_backoff = Backoff(settings.redis.backoff_initial_s, settings.redis.backoff_max_s)
         self._next_publish = 0.0
+        self._lag = 0
+        self._lag_checked = 0.0
         self.metrics.up.labels(camera=cam.id).set(0)
 
     def run(self) -> None:
@@ -187,7 +208,24 @@ class CameraReader(threading.Thread):
             return None
         return np.asarray(buf).tobytes()
 
+    def _backlogged(self) -> bool:
+        """True while detect lags this camera by ``backpressure_lag`` frames (checked twice a second).
+
+        Dropping here, counted, keeps MAXLEN trimming from silently discarding unread frames.
+        """
+        now = time.monotonic()
+        if now - self._lag_checked >= 0.5:
+            self._lag_checked = now
+            self._lag = stream_lag(self.r, self.stream, self.opts.detect_group, self.opts.backpressure_lag)
+        return self._lag >= self.opts.backpressure_lag
+
     def _publish(self, frame: Frame) -> None:
+        try:
+            if self._backlogged():
+                self.metrics.drop(self.cam.id, "backpressure")
+                return
+        except CONNECTION_ERRORS:
+            pass  # counted below when the XADD fails too
         jpeg = self._encode(frame)
         if jpeg is None:
             return
