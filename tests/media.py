@@ -8,6 +8,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -104,3 +105,29 @@ class MjpegServer:
         self.stopping.set()
         self._server.shutdown()
         self._server.server_close()
+
+
+class HangingMjpeg(MjpegServer):
+    """Sends a few frames, then keeps the connection open and silent."""
+
+    def __init__(self, frames: list[np.ndarray]) -> None:
+        super().__init__(frames, fps=10)
+        self.hang_after = 10
+
+    def _handler(self) -> Any:
+        base = super()._handler()
+        outer = self
+
+        class Handler(base):  # type: ignore[misc, valid-type]
+            def do_GET(self) -> None:  # noqa: N802
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                for jpg in outer.jpegs[: outer.hang_after]:
+                    self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\n")
+                    self.wfile.write(f"Content-Length: {len(jpg)}\r\n\r\n".encode() + jpg + b"\r\n")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+                outer.stopping.wait(60)
+
+        return Handler

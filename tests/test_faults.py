@@ -12,7 +12,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from media import MjpegServer, RtspServer
+from media import HangingMjpeg, RtspServer
 from support import RedisServer, Service, free_port, pipeline, service_env, wait_for
 
 from shared.detection import DetectorSettings, HaarDetector, detect_and_crop
@@ -156,32 +156,6 @@ def test_rtsp_camera_lost_and_back_while_others_flow(tmp_path: Path, redis_serve
             assert procs["ingest"].proc.poll() is None
     finally:
         rtsp.stop()
-
-
-class HangingMjpeg(MjpegServer):
-    """Sends a few frames, then keeps the connection open and silent."""
-
-    def __init__(self, frames: list[np.ndarray]) -> None:
-        super().__init__(frames, fps=10)
-        self.hang_after = 10
-
-    def _handler(self) -> Any:
-        base = super()._handler()
-        outer = self
-
-        class Handler(base):  # type: ignore[misc, valid-type]
-            def do_GET(self) -> None:  # noqa: N802
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.end_headers()
-                for jpg in outer.jpegs[: outer.hang_after]:
-                    self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\n")
-                    self.wfile.write(f"Content-Length: {len(jpg)}\r\n\r\n".encode() + jpg + b"\r\n")
-                    self.wfile.flush()
-                    time.sleep(0.1)
-                outer.stopping.wait(60)
-
-        return Handler
 
 
 def test_hung_source_is_caught_by_the_frame_age_watchdog(tmp_path: Path, redis_server: RedisServer,
