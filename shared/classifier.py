@@ -129,7 +129,10 @@ class TensorFlowClassifier(_BucketedClassifier):
         if not path.exists():
             raise BundleError(f"model bundle {bundle}: {KERAS_FILE} not found")
         model = keras.models.load_model(path, compile=False)
-        self._fn = tf.function(lambda x: model(x, training=False), jit_compile=False)
+        size = meta.input_size
+        # One trace for every bucket: the batch dimension is left open in the signature.
+        self._fn = tf.function(lambda x: model(x, training=False),
+                               input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32)])
 
     def _run(self, batch: FloatArray) -> FloatArray:
         return np.asarray(self._fn(batch), dtype=np.float32)

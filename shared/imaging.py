@@ -24,6 +24,10 @@ def to_gray(image: UInt8Array) -> UInt8Array:
 
 def resize_face(face: UInt8Array, size: int = FACE_SIZE) -> UInt8Array:
     """Resize one grey face to size x size: area filter shrinking, bilinear enlarging."""
+    if face.shape[0] != face.shape[1]:
+        side = min(face.shape[:2])  # centre square, so faces keep their aspect ratio
+        y0, x0 = (face.shape[0] - side) // 2, (face.shape[1] - side) // 2
+        face = face[y0:y0 + side, x0:x0 + side]
     if face.shape[0] == size and face.shape[1] == size:
         return face
     shrinking = face.shape[0] > size or face.shape[1] > size

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from shared.imaging import resize_faces
+from shared.imaging import resize_face, resize_faces
 from shared.model_bundle import FER2013_CLASSES
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".webp"}
@@ -75,7 +75,7 @@ def load_folder(root: Path, size: int = 64) -> FaceSet:
             img = cv2.imread(str(file), cv2.IMREAD_GRAYSCALE)
             if img is None:
                 raise DatasetError(f"{file}: cannot be decoded as an image")
-            images.append(cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA))
+            images.append(resize_face(img, size))
             labels.append(index)
     if not images:
         raise DatasetError(f"{root}: no images found")

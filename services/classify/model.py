@@ -69,7 +69,7 @@ def build_model(cfg: ArchConfig = ArchConfig()) -> keras.Model:
 
 
 def count_macs(model: keras.Model) -> int:
-    """Multiply-accumulates of one forward pass (convolutions and dense layers)."""
+    """Multiply-accumulates of one forward pass (the convolutions; the model has no dense layer)."""
     total = 0
     for layer in model.layers:
         out_shape = getattr(layer, "output", None)

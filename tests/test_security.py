@@ -1,0 +1,115 @@
+"""Redis AUTH, ACL users and TLS against real redis-servers; secrets never reach logs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from support import RedisServer, Service, free_port, service_env, wait_for
+
+from shared.settings import RedisSettings
+from shared.streams import connect
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest.fixture
+def auth_server() -> Iterator[RedisServer]:
+    server = RedisServer(["--requirepass", "top-secret-pw", "--user", "camera-app", "on", ">app-secret-pw",
+                          "~*", "&*", "+@all"]).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_password_and_acl_user_authenticate(auth_server: RedisServer) -> None:
+    url = f"redis://127.0.0.1:{auth_server.port}/0"
+    assert connect(RedisSettings(url=url, password="top-secret-pw")).ping()
+    assert connect(RedisSettings(url=url, username="camera-app", password="app-secret-pw")).ping()
+    assert connect(RedisSettings(url=f"redis://camera-app:app-secret-pw@127.0.0.1:{auth_server.port}/0")).ping()
+    with pytest.raises(redis.AuthenticationError):
+        connect(RedisSettings(url=url, username="camera-app", password="wrong")).ping()
+    with pytest.raises(redis.AuthenticationError):
+        connect(RedisSettings(url=url)).ping()
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def test_services_with_credentials_run_and_never_log_them(tmp_path: Path, auth_server: RedisServer) -> None:
+    url = f"redis://camera-app:app-secret-pw@127.0.0.1:{auth_server.port}/0"
+    (tmp_path / "config.yaml").write_text(
+        "cameras:\n  - {id: door, url: 'rtsp://admin:cam-secret-pw@127.0.0.1:9/stream'}\n"
+        "ingest: {reconnect_initial_s: 0.2, reconnect_max_s: 0.5, open_timeout_s: 1}\n")
+    port = free_port()
+    ingest = Service("ingest", tmp_path / "config.yaml", service_env(url, ES_METRICS__PORT=str(port)), tmp_path)
+    try:
+        wait_for(lambda: _ready(port), 30, what="ingest ready with ACL credentials")
+        wait_for(lambda: "reconnecting" in ingest.log(), 30, what="camera retry logged")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+    finally:
+        ingest.stop()
+    log = ingest.log()
+    assert "rtsp://admin:***@127.0.0.1:9/stream" in log
+    for secret in ("app-secret-pw", "cam-secret-pw"):
+        assert secret not in log and secret not in metrics
+    assert 'es_camera_reconnects_total{camera="door"}' in metrics
+
+
+def _make_certs(tmp: Path) -> dict[str, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    ca_key, ca, key, csr, cert = (tmp / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt"))
+    run = [["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2",
+            "-subj", "/CN=test-ca"],
+           ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+           ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+            "-days", "2", "-extfile", "/dev/stdin"]]
+    for cmd in run[:2]:
+        subprocess.run([str(c) for c in cmd], check=True, capture_output=True, timeout=60)
+    subprocess.run([str(c) for c in run[2]], input=b"subjectAltName=IP:127.0.0.1\n", check=True, capture_output=True,
+                   timeout=60)
+    return {"ca": ca, "key": key, "cert": cert}
+
+
+def test_tls_connection_with_ca(tmp_path: Path) -> None:
+    certs = _make_certs(tmp_path)
+    tls_port = free_port()
+    binary = shutil.which("redis-server")
+    assert binary
+    proc = subprocess.Popen([binary, "--port", "0", "--tls-port", str(tls_port), "--bind", "127.0.0.1",
+                             "--tls-cert-file", str(certs["cert"]), "--tls-key-file", str(certs["key"]),
+                             "--tls-ca-cert-file", str(certs["ca"]), "--tls-auth-clients", "no", "--save", ""],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(0.5)
+        if proc.poll() is not None:
+            pytest.skip(f"this redis-server has no TLS support: {proc.stdout.read()[-300:]!r}")  # type: ignore[union-attr]
+        url = f"rediss://127.0.0.1:{tls_port}/0"
+        client = connect(RedisSettings(url=url, ssl_ca_certs=certs["ca"]))
+        assert wait_for(lambda: _try_ping(client), 10, what="TLS ping")
+        with pytest.raises(redis.ConnectionError):
+            connect(RedisSettings(url=url, ssl_ca_certs=None)).ping()  # an unknown CA is refused
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _try_ping(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
