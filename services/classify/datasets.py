@@ -75,7 +75,7 @@ def load_folder(root: Path, size: int = 64) -> FaceSet:
             img = cv2.imread(str(file), cv2.IMREAD_GRAYSCALE)
             if img is None:
                 raise DatasetError(f"{file}: cannot be decoded as an image")
-            images.append(resize_face(img, size))
+            images.append(resize_face(np.asarray(img, dtype=np.uint8), size))
             labels.append(index)
     if not images:
         raise DatasetError(f"{root}: no images found")
