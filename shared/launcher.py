@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -20,7 +21,7 @@ import redis
 import yaml
 
 from shared.cli import add_filter_args, make_filter, print_event, redis_url_from_env
-from shared.embedded_redis import EmbeddedRedis
+from shared.embedded_redis import EmbeddedRedis, free_port
 from shared.events import EventReader
 from shared.settings import RedisSettings, mask_url
 from shared.sources import file_path, source_kind
@@ -78,18 +79,30 @@ class Pipeline:
         self.config_path.write_text(yaml.safe_dump(config))
         self.detect_workers = detect_workers
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.ports: dict[str, int] = {}
 
-    def start(self) -> None:
-        env = {**os.environ, "ES_REDIS__URL": self.url}
+    def start(self, timeout: float = 120.0) -> None:
+        """Workers first; ingest once they answer /readyz, so no frame ages while they load."""
+        workers = ["classify"] + [f"detect-{i}" for i in range(self.detect_workers)]
+        for name in workers:
+            self._spawn(name)
+        deadline = time.monotonic() + timeout
+        while not all(_ready(self.ports[n]) for n in workers):
+            if self.failed() or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        self._spawn("ingest")
+
+    def _spawn(self, name: str) -> None:
+        env = {**os.environ, "ES_REDIS__URL": self.url, "ES_CONSUMER": name}
         env.pop("REDIS_URL", None)
-        names = ["classify"] + [f"detect-{i}" for i in range(self.detect_workers)] + ["ingest"]
-        for name in names:
-            service = name.split("-")[0]
-            log_file = (self.workdir / f"{name}.log").open("wb")
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", f"services.{service}", "--config", str(self.config_path)],
-                env={**env, "ES_CONSUMER": name}, stdout=log_file, stderr=subprocess.STDOUT,
-            )
+        self.ports[name] = free_port()
+        env["ES_METRICS__PORT"] = str(self.ports[name])
+        log_file = (self.workdir / f"{name}.log").open("wb")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", f"services.{name.split('-')[0]}", "--config", str(self.config_path)],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
 
     def failed(self) -> str | None:
         for name, proc in self.procs.items():
@@ -100,7 +113,7 @@ class Pipeline:
         return None
 
     def ingest_done(self) -> bool:
-        return self.procs["ingest"].poll() == 0
+        return "ingest" in self.procs and self.procs["ingest"].poll() == 0
 
     def stop(self, timeout: float = 15.0) -> None:
         for proc in self.procs.values():
@@ -113,6 +126,14 @@ class Pipeline:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
 
 
 def drained(r: redis.Redis, keys: Keys, cameras: list[str]) -> bool:
@@ -152,7 +173,7 @@ def build_config(args: argparse.Namespace, inputs: list[str]) -> dict[str, Any]:
     cameras = [{"id": f"cam{i}", "url": url, "fps": args.fps, "loop": bool(args.loop)} for i, url in enumerate(inputs)]
     config: dict[str, Any] = {
         "cameras": cameras,
-        "metrics": {"port": 0},
+        "metrics": {"host": "127.0.0.1"},
         "log_level": "INFO",
         "classify": {"runtime": args.runtime, "max_wait_ms": 10},
         "detect": {"max_frame_age_s": 5.0},
