@@ -16,10 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -30,7 +29,7 @@ import cv2  # noqa: E402
 
 from shared.detection import DetectorSettings, HaarDetector  # noqa: E402
 from shared.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
-from shared.imaging import UInt8Array  # noqa: E402
+from shared.imaging import UInt8Array, to_gray  # noqa: E402
 from shared.sample import astronaut_bgr, render_frames  # noqa: E402
 from shared.schema import Box  # noqa: E402
 
@@ -75,7 +74,7 @@ def peak_rss_mib(pid: int) -> float:
 def photo_face() -> Box:
     """The astronaut's face in the 512x512 source photo (found once with the default Haar cascade)."""
     photo = astronaut_bgr()
-    found = HaarDetector(DetectorSettings()).detect(cv2.cvtColor(photo, cv2.COLOR_BGR2GRAY))
+    found = HaarDetector(DetectorSettings()).detect(to_gray(photo))
     if len(found) != 1:
         raise RuntimeError(f"expected one face in the astronaut photo, found {len(found)}")
     return found[0]
@@ -245,14 +244,21 @@ def fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 2) -> None:
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 2, left: int = 1) -> None:
+    """A plain text table; the first ``left`` columns and the last one are left-aligned if text."""
     cells = [[fmt(v, digits) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True)))
-    print(line)
-    print("-" * len(line))
+    last = len(headers) - 1
+    text_last = bool(rows) and all(isinstance(r[last], str) for r in rows)
+
+    def align(i: int, c: str, w: int) -> str:
+        return c.ljust(w) if i < left or (i == last and text_last) else c.rjust(w)
+
+    line = "  ".join(align(i, h, w) for i, (h, w) in enumerate(zip(headers, widths, strict=True)))
+    print(line.rstrip())
+    print("-" * len(line.rstrip()))
     for r in cells:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        print("  ".join(align(i, c, w) for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
 
 
 def write_json(path: Path, report: dict[str, Any]) -> None:
@@ -267,7 +273,3 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def as_uint8(a: npt.ArrayLike) -> UInt8Array:
-    return cast(UInt8Array, np.ascontiguousarray(a, dtype=np.uint8))

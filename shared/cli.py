@@ -7,16 +7,27 @@ import json
 import os
 import runpy
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import redis
 
-from shared.events import EventFilter, EventReader
-from shared.schema import EventMsg
+from shared.events import EventFilter, EventReader, TrackReader
+from shared.schema import EventMsg, TrackEventMsg
 from shared.settings import RedisSettings
 from shared.streams import Keys, connect
 
 SERVICES = ("ingest", "detect", "classify")
+
+
+def format_track(te: TrackEventMsg) -> str:
+    if te.kind == "changed":
+        what = f"{te.previous} -> {te.emotion} ({te.confidence:.2f}) after {te.previous_duration_s:.1f}s"
+    elif te.kind == "ended":
+        mix = ", ".join(f"{k} {v:.1f}s" for k, v in (te.time_per_emotion_s or {}).items())
+        what = f"after {te.duration_s:.1f}s ({mix})"
+    else:
+        what = f"{te.emotion} ({te.confidence:.2f})"
+    return f"[{te.camera} track {te.track_id}] {te.kind} {what}"
 
 
 def format_event(ev: EventMsg) -> str:
@@ -27,8 +38,11 @@ def format_event(ev: EventMsg) -> str:
             f"box {b.x},{b.y},{b.w}x{b.h} latency {latency:.0f} ms")
 
 
-def print_event(ev: EventMsg, as_json: bool) -> None:
-    print(json.dumps(ev.to_dict()) if as_json else format_event(ev), flush=True)
+def print_event(ev: EventMsg | TrackEventMsg, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(ev.to_dict()), flush=True)
+    else:
+        print(format_event(ev) if isinstance(ev, EventMsg) else format_track(ev), flush=True)
 
 
 def redis_url_from_env() -> str | None:
@@ -53,11 +67,16 @@ def events_main(argv: list[str]) -> int:
     p.add_argument("--from", dest="start", default="now", help="'now', 'start' or a stream id to replay from")
     p.add_argument("--group", default=None, help="read through this consumer group (shared work, resumable)")
     p.add_argument("--count", type=int, default=0, help="exit after this many events (0 = run until Ctrl-C)")
+    p.add_argument("--tracks", action="store_true",
+                   help="print track events (started / changed / ended) instead of per-frame events")
     add_filter_args(p)
     args = p.parse_args(argv)
     url = args.redis_url or redis_url_from_env() or "redis://127.0.0.1:6379/0"
     try:
         r = connect(RedisSettings(url=url))
+        if args.tracks:
+            tracks = TrackReader(r, keys=Keys(args.prefix), start=args.start, cameras=frozenset(args.camera))
+            return _print_loop(tracks.poll, args.json, args.count)
         reader = EventReader(r, keys=Keys(args.prefix), start=args.start, filt=make_filter(args), group=args.group)
     except (ValueError, redis.RedisError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -65,7 +84,7 @@ def events_main(argv: list[str]) -> int:
     return _print_loop(reader.poll, args.json, args.count)
 
 
-def _print_loop(poll: Callable[[], list[EventMsg]], as_json: bool, count: int) -> int:
+def _print_loop(poll: Callable[[], Sequence[EventMsg | TrackEventMsg]], as_json: bool, count: int) -> int:
     seen = 0
     try:
         while count <= 0 or seen < count:

@@ -23,7 +23,7 @@ from typing import Any
 
 import redis
 
-from shared.schema import DecodeError, EventMsg, decode_event
+from shared.schema import DecodeError, EventMsg, TrackEventMsg, decode_event, decode_track
 from shared.streams import Keys, ensure_group, parse_read
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,34 @@ class EventReader:
     def __iter__(self) -> Iterator[EventMsg]:
         while True:
             yield from self.poll()
+
+
+class TrackReader:
+    """Track events (started / changed / ended) from the tracks stream."""
+
+    def __init__(self, r: redis.Redis, keys: Keys | None = None, start: str = "now",
+                 cameras: frozenset[str] = frozenset(), block_ms: int = 500) -> None:
+        self.r = r
+        self.keys = keys or Keys()
+        self.cameras = cameras
+        self.block_ms = block_ms
+        self.skipped = 0
+        self.last_id = {"now": "$", "start": "0-0"}.get(start, start)
+
+    def poll(self) -> list[TrackEventMsg]:
+        reply = self.r.xread({self.keys.tracks: self.last_id}, count=256, block=self.block_ms)
+        out = []
+        for entry in parse_read(reply):
+            self.last_id = entry.id
+            try:
+                te = decode_track(entry.payload or b"")
+            except DecodeError as exc:
+                self.skipped += 1
+                log.warning("skipping track event %s: %s", entry.id, exc)
+                continue
+            if not self.cameras or te.camera in self.cameras:
+                out.append(te)
+        return out
 
 
 def subscribe(r: redis.Redis, start: str = "now", filt: EventFilter | None = None, keys: Keys | None = None,

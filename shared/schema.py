@@ -107,6 +107,28 @@ class EventMsg:
         }
 
 
+@dataclass(frozen=True)
+class TrackEventMsg:
+    """A track-level event: started, changed (from -> to) or ended (with a summary)."""
+
+    kind: str
+    camera: str
+    track_id: int
+    ts: float
+    emotion: str
+    confidence: float
+    previous: str | None = None
+    previous_duration_s: float | None = None
+    duration_s: float | None = None
+    time_per_emotion_s: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, **{k: v for k, v in self.__dict__.items() if v is not None}}
+
+
+TRACK_KINDS = ("started", "changed", "ended")
+
+
 def event_id(camera: str, seq: int, face: int) -> str:
     """Stable id: a frame re-processed after a crash yields the same ids, so consumers can dedupe."""
     return f"{camera}:{seq}:{face}"
@@ -136,6 +158,12 @@ def encode_event(m: EventMsg) -> bytes:
         "pts": m.publish_ts, "b": m.box.to_list(), "l": m.label, "s": m.score, "cls": list(m.classes),
         "p": list(m.probs), "mv": m.model_version, "tid": m.track_id,
     })
+
+
+def encode_track(m: TrackEventMsg) -> bytes:
+    return _pack("track", {"kind": m.kind, "cam": m.camera, "tid": m.track_id, "ts": m.ts, "e": m.emotion,
+                           "c": m.confidence, "prev": m.previous, "pd": m.previous_duration_s, "d": m.duration_s,
+                           "tpe": m.time_per_emotion_s})
 
 
 # ---------------------------------------------------------------- decoding
@@ -237,4 +265,27 @@ def decode_event(data: bytes) -> EventMsg:
         label=str(_get(o, "l", str)), score=_num(o, "s"), classes=classes,
         probs=tuple(float(p) for p in probs_raw), model_version=str(_get(o, "mv", str)),
         track_id=tid if isinstance(tid, int) and not isinstance(tid, bool) else None,
+    )
+
+
+def _opt_num(obj: dict[str, Any], key: str) -> float | None:
+    return None if obj.get(key) is None else _num(obj, key)
+
+
+def decode_track(data: bytes) -> TrackEventMsg:
+    o = _unpack(data, "track")
+    kind = str(_get(o, "kind", str))
+    if kind not in TRACK_KINDS:
+        raise DecodeError("bad_field", f"unknown track event kind {kind!r}")
+    tpe = o.get("tpe")
+    if tpe is not None and not (isinstance(tpe, dict) and all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for k, v in tpe.items())):
+        raise DecodeError("bad_field", "time_per_emotion must map names to finite numbers")
+    prev = o.get("prev")
+    return TrackEventMsg(
+        kind=kind, camera=_camera(o), track_id=_nonneg_int(o, "tid"), ts=_num(o, "ts"), emotion=str(_get(o, "e", str)),
+        confidence=_num(o, "c"), previous=prev if isinstance(prev, str) else None,
+        previous_duration_s=_opt_num(o, "pd"), duration_s=_opt_num(o, "d"),
+        time_per_emotion_s={k: float(v) for k, v in tpe.items()} if tpe is not None else None,
     )

@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 ENV_PREFIX = "ES_"
 # One YAML file may configure the whole pipeline: each service validates its own sections and
 # leaves these, owned by the other services, to them. Any other unknown key is an error.
-PIPELINE_SECTIONS = frozenset({"cameras", "ingest", "detect", "detector", "classify"})
+PIPELINE_SECTIONS = frozenset({"cameras", "ingest", "detect", "detector", "classify", "tracking"})
 
 
 class Section(BaseModel):

@@ -50,6 +50,14 @@ class Keys:
     def events_channel(self) -> str:
         return f"{self.prefix}:events:live"
 
+    @property
+    def tracks(self) -> str:
+        return f"{self.prefix}:{{tracks}}"
+
+    @property
+    def tracks_channel(self) -> str:
+        return f"{self.prefix}:tracks:live"
+
     def dead_letter(self, stream: str) -> str:
         return f"{stream}:dead"
 

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from shared.model_bundle import DEFAULT_BUNDLE
 from shared.settings import Section, ServiceSettings
+from shared.tracking import TrackerSettings
 
 
 class ClassifyOptions(Section):
@@ -24,3 +25,4 @@ class ClassifyOptions(Section):
 
 class ClassifySettings(ServiceSettings):
     classify: ClassifyOptions = ClassifyOptions()
+    tracking: TrackerSettings = TrackerSettings()

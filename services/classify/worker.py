@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import redis
@@ -13,8 +14,20 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from services.classify.settings import ClassifySettings
 from shared.classifier import Classifier
 from shared.health import LATENCY_BUCKETS, CommonMetrics
-from shared.schema import FIELD, Box, DecodeError, EventMsg, FacesMsg, decode_faces, encode_event, event_id
+from shared.schema import (
+    FIELD,
+    Box,
+    DecodeError,
+    EventMsg,
+    FacesMsg,
+    TrackEventMsg,
+    decode_faces,
+    encode_event,
+    encode_track,
+    event_id,
+)
 from shared.streams import CONNECTION_ERRORS, Entry
+from shared.tracking import CameraTracker, Detection
 from shared.worker import Stopper, StreamWorker
 
 log = logging.getLogger(__name__)
@@ -29,6 +42,8 @@ class ClassifyMetrics(CommonMetrics):
                                    buckets=LATENCY_BUCKETS, registry=registry)
         self.events = Counter("es_events_total", "Emotion events published", ["camera", "emotion"],
                               registry=registry)
+        self.track_events = Counter("es_track_events_total", "Track events published", ["camera", "kind"],
+                                    registry=registry)
         self.end_to_end = Histogram("es_end_to_end_seconds", "Capture to event publish", ["camera"],
                                     buckets=LATENCY_BUCKETS, registry=registry)
 
@@ -53,6 +68,10 @@ class ClassifyWorker(StreamWorker):
                                 "model_version": classifier.meta.version, "runtime": classifier.runtime})
         self._waiting: list[Waiting] = []
         self._faces_waiting = 0
+        self.tracking = settings.tracking
+        self._trackers: dict[str, CameraTracker] = {}
+        self._track_base = 0
+        self._last_expiry = 0.0
 
     @staticmethod
     def _version() -> str:
@@ -93,11 +112,19 @@ class ClassifyWorker(StreamWorker):
     def idle(self) -> None:
         if self._due():
             self.flush()
+        elif self.tracking.enabled and time.monotonic() - self._last_expiry > 0.5:
+            self._expire_tracks()
 
     def drain(self) -> None:
         if self._waiting:
             log.info("draining %d waiting face messages", len(self._waiting))
             self.flush()
+        # Tracks live in this process: end them, so consumers see every track close.
+        ended = [e for t in self._trackers.values() for e in t.flush()]
+        if ended:
+            pipe = self.r.pipeline(transaction=False)
+            self._queue_tracks(pipe, ended)
+            pipe.execute()
 
     def _due(self) -> bool:
         return bool(self._waiting) and (time.monotonic() - self._waiting[0].since) * 1000 >= self.cfg.max_wait_ms
@@ -126,16 +153,54 @@ class ClassifyWorker(StreamWorker):
             self.dead_letter(pipe, w.entry, "inference_error", detail)
         pipe.execute()
 
+    def _tracker(self, camera: str) -> CameraTracker:
+        tracker = self._trackers.get(camera)
+        if tracker is None:
+            if not self._track_base:
+                # Ids stay unique across restarts and replicas: a Redis counter picks the id block.
+                self._track_base = int(self.r.incr(f"{self.keys.prefix}:track-block")) * 1_000_000
+            tracker = CameraTracker(camera, self.classifier.classes, self.tracking, first_id=self._track_base + 1)
+            self._trackers[camera] = tracker
+        return tracker
+
+    def _track(self, msg: FacesMsg, probs: np.ndarray) -> tuple[list[int | None], list[TrackEventMsg]]:
+        if not self.tracking.enabled:
+            return [None] * len(msg.faces), []
+        dets = [Detection(f.box, probs[i]) for i, f in enumerate(msg.faces)]
+        ids, track_events = self._tracker(msg.camera).update(msg.capture_ts, dets)
+        return list(ids), track_events
+
+    def _expire_tracks(self) -> None:
+        self._last_expiry = time.monotonic()
+        ended = [e for t in self._trackers.values() for e in t.expire_idle()]
+        if ended:
+            pipe = self.r.pipeline(transaction=False)
+            self._queue_tracks(pipe, ended)
+            pipe.execute()
+
+    def _queue_tracks(self, pipe: Any, track_events: list[TrackEventMsg]) -> None:
+        for te in track_events:
+            payload = encode_track(te)
+            pipe.xadd(self.keys.tracks, {FIELD: payload}, maxlen=self.cfg.events_maxlen, approximate=True)
+            if self.cfg.publish_live:
+                pipe.publish(self.keys.tracks_channel, payload)
+            self.metrics.track_events.labels(camera=te.camera, kind=te.kind).inc()
+
     def _publish(self, waiting: list[Waiting], probs: np.ndarray) -> None:
         pipe = self.r.pipeline(transaction=False)
         now = time.time()
         row = 0
         events = []
+        track_events: list[TrackEventMsg] = []
         for w in waiting:
+            n = len(w.msg.faces)
+            ids, tevs = self._track(w.msg, probs[row:row + n])
+            track_events += tevs
             for index, face in enumerate(w.msg.faces):
-                events.append(self._event(w.msg, index, face.box, probs[row], now))
+                events.append(self._event(w.msg, index, face.box, probs[row], now, ids[index]))
                 row += 1
             pipe.xack(w.entry.stream, self.group, w.entry.id)
+        self._queue_tracks(pipe, track_events)
         for ev in events:
             payload = encode_event(ev)
             pipe.xadd(self.keys.events, {FIELD: payload}, maxlen=self.cfg.events_maxlen, approximate=True)
@@ -146,13 +211,15 @@ class ClassifyWorker(StreamWorker):
             self.metrics.events.labels(camera=ev.camera, emotion=ev.label).inc()
             self.metrics.end_to_end.labels(camera=ev.camera).observe(max(0.0, ev.publish_ts - ev.capture_ts))
 
-    def _event(self, msg: FacesMsg, index: int, box: Box, p: np.ndarray, now: float) -> EventMsg:
+    def _event(self, msg: FacesMsg, index: int, box: Box, p: np.ndarray, now: float,
+               track_id: int | None) -> EventMsg:
         best = int(np.argmax(p))
         classes = self.classifier.classes
         return EventMsg(event_id=event_id(msg.camera, msg.seq, index), camera=msg.camera, seq=msg.seq, face=index,
                         capture_ts=msg.capture_ts, publish_ts=now, box=box,
                         label=classes[best], score=float(p[best]), classes=classes,
-                        probs=tuple(float(x) for x in p), model_version=self.classifier.meta.version)
+                        probs=tuple(float(x) for x in p), model_version=self.classifier.meta.version,
+                        track_id=track_id)
 
     def ready(self) -> tuple[bool, str]:
         try:

@@ -164,6 +164,9 @@ class CameraReader(threading.Thread):
             self._set_state(SourceState.UP)
             self.metrics.read.labels(camera=self.cam.id).inc()
             if self._due():
+                if self.source.is_file:
+                    # A file frame is "captured" when its pacing slot comes, as a camera would show it.
+                    frame.capture_ts = time.time()
                 self._publish(frame)
 
     def _set_state(self, state: SourceState) -> None:
