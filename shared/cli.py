@@ -7,13 +7,16 @@ import json
 import os
 import runpy
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 import redis
+from pydantic import ValidationError
 
+from shared.cameras import CameraRegistry, CameraSettings
 from shared.events import EventFilter, EventReader, TrackReader
 from shared.schema import EventMsg, TrackEventMsg
-from shared.settings import RedisSettings
+from shared.settings import RedisSettings, format_errors, mask_url
 from shared.streams import Keys, connect
 
 SERVICES = ("ingest", "detect", "classify")
@@ -101,6 +104,70 @@ def _print_loop(poll: Callable[[], Sequence[EventMsg | TrackEventMsg]], as_json:
     return 0
 
 
+def cameras_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="emotion-stream cameras",
+                                description="Manage the cameras of ingest replicas running with ingest.dynamic: true.")
+    p.add_argument("--redis-url", default=None, help="default: $REDIS_URL or redis://127.0.0.1:6379/0")
+    p.add_argument("--prefix", default="es", help="key prefix of the pipeline")
+    sub = p.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="cameras and their settings")
+    sub.add_parser("status", help="per camera: owner, state, fps, last frame age, last error")
+    for action in ("add", "update"):
+        a = sub.add_parser(action, help=f"{action} a camera")
+        a.add_argument("id")
+        a.add_argument("url")
+        a.add_argument("--fps", type=float, default=10.0)
+        a.add_argument("--loop", action="store_true")
+    rm = sub.add_parser("remove", help="remove a camera")
+    rm.add_argument("id")
+    args = p.parse_args(argv)
+    url = args.redis_url or redis_url_from_env() or "redis://127.0.0.1:6379/0"
+    try:
+        registry = CameraRegistry(connect(RedisSettings(url=url)), args.prefix)
+        return _camera_action(registry, args)
+    except (ValueError, KeyError, redis.RedisError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _camera_action(registry: CameraRegistry, args: argparse.Namespace) -> int:
+    if args.action in ("add", "update"):
+        try:
+            cam = CameraSettings(id=args.id, url=args.url, fps=args.fps, loop=args.loop)
+        except ValidationError as exc:
+            print("\n".join(format_errors(exc)), file=sys.stderr)
+            return 2
+        registry.put(cam, must_exist=args.action == "update")
+        print(f"camera {cam.id} {'added' if args.action == 'add' else 'updated'}")
+    elif args.action == "remove":
+        if not registry.remove(args.id):
+            print(f"error: camera {args.id!r} does not exist", file=sys.stderr)
+            return 2
+        print(f"camera {args.id} removed")
+    elif args.action == "list":
+        cams, bad = registry.cameras()
+        for cam in cams.values():
+            print(f"{cam.id}\t{mask_url(cam.url)}\tfps={cam.fps:g}\tloop={cam.loop}")
+        for line in bad:
+            print(f"invalid: {line}", file=sys.stderr)
+    else:
+        _print_status(registry)
+    return 0
+
+
+def _print_status(registry: CameraRegistry) -> None:
+    cams, _ = registry.cameras()
+    statuses = registry.statuses()
+    print("camera\towner\tstate\tfps\tlast_frame_age_s\tlast_error")
+    for cid in sorted(cams):
+        st = statuses.get(cid)
+        if st is None or time.time() - float(st.get("updated", 0)) > 30:
+            print(f"{cid}\t-\tunassigned\t-\t-\t-")
+            continue
+        print(f"{cid}\t{st.get('owner')}\t{st.get('state')}\t{st.get('fps')}\t{st.get('last_frame_age_s')}\t"
+              f"{st.get('last_error') or '-'}")
+
+
 def run_service(name: str, argv: list[str]) -> int:
     sys.argv = [f"emotion-stream {name}", *argv]
     try:
@@ -114,7 +181,8 @@ USAGE = """usage: emotion-stream COMMAND [ARGS]
 
 commands:
   up        run the whole pipeline (embedded Redis unless REDIS_URL is set) and print events
-  events    print emotion events from a running pipeline
+  events    print emotion events (or, with --tracks, track events) from a running pipeline
+  cameras   list / add / update / remove cameras and show their status (ingest.dynamic)
   ingest    run the ingest service     (same as python -m services.ingest)
   detect    run the detect service     (same as python -m services.detect)
   classify  run the classify service   (same as python -m services.classify)
@@ -135,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         return up_main(rest)
     if command == "events":
         return events_main(rest)
+    if command == "cameras":
+        return cameras_main(rest)
     if command in SERVICES:
         return run_service(command, rest)
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -51,12 +51,16 @@ class Stopper:
         self._announced = False
         self.signals = 0
 
+    def _flag(self) -> bool:
+        return self._stop
+
     @property
     def stopping(self) -> bool:
-        if self._stop and not self._announced:
+        stop = self._flag()
+        if stop and not self._announced:
             self._announced = True
             log.info("stop requested: draining (a second SIGTERM exits at once)")
-        return self._stop
+        return stop
 
     def stop(self) -> None:
         self._stop = True
@@ -64,12 +68,12 @@ class Stopper:
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``, waking early when a stop is requested; True if stopping."""
         end = time.monotonic() + seconds
-        while not self._stop:
+        while not self._flag():
             left = end - time.monotonic()
             if left <= 0:
                 break
             time.sleep(min(left, 0.05))
-        return self._stop
+        return self._flag()
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._handle)
@@ -80,6 +84,18 @@ class Stopper:
         if self.signals >= 2:
             os._exit(128 + signum)
         self._stop = True
+
+
+class ChildStopper(Stopper):
+    """Stops with its parent, or on its own (one camera removed while the service runs)."""
+
+    def __init__(self, parent: Stopper) -> None:
+        super().__init__()
+        self.parent = parent
+        self._announced = True  # the parent announces a service-wide stop
+
+    def _flag(self) -> bool:
+        return self._stop or self.parent._flag()
 
 
 class StreamWorker(ABC):

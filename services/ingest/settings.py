@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
+from shared.cameras import CameraSettings
 from shared.settings import Section, ServiceSettings
-from shared.sources import source_kind
-
-
-class CameraSettings(Section):
-    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="camera id")
-    url: str = Field(min_length=1, description="file path, rtsp://, http(s):// MJPEG URL, or USB device index")
-    fps: float = Field(10.0, ge=0.0, le=120.0, description="target frames/s (0 = as fast as the source gives)")
-    loop: bool = Field(False, description="files: start again at the end instead of ending")
-    jpeg_quality: int | None = Field(None, ge=10, le=100, description="override of the service's JPEG quality")
-
-    @field_validator("url")
-    @classmethod
-    def _known_scheme(cls, v: str) -> str:
-        source_kind(v)
-        return v
 
 
 class IngestOptions(Section):
@@ -34,6 +20,10 @@ class IngestOptions(Section):
     backpressure_lag: int = Field(150, ge=1, description="stop publishing a camera while its stream holds this many "
                                   "frames no detect worker has read yet (Redis >= 7); must stay below stream_maxlen")
     detect_group: str = Field("detect", min_length=1, description="the detect consumer group, for backpressure")
+    dynamic: bool = Field(False, description="cameras live in Redis (seeded from this file), shared between "
+                          "ingest replicas through leases, and can be changed while running")
+    lease_s: float = Field(5.0, gt=0.5, le=600, description="a dead replica's cameras are taken over after this long")
+    refresh_s: float = Field(1.0, gt=0, le=60, description="how often camera changes and leases are checked")
     max_frame_bytes: int = Field(8_000_000, ge=10_000, description="frames whose JPEG is larger are dropped")
 
 
@@ -46,6 +36,9 @@ class IngestSettings(ServiceSettings):
         if self.ingest.backpressure_lag >= self.ingest.stream_maxlen:
             raise ValueError(f"ingest.backpressure_lag ({self.ingest.backpressure_lag}) must be below "
                              f"ingest.stream_maxlen ({self.ingest.stream_maxlen}): trimming would drop unread frames")
+        if self.ingest.refresh_s * 2 > self.ingest.lease_s:
+            raise ValueError(f"ingest.refresh_s ({self.ingest.refresh_s}) must be at most half of ingest.lease_s "
+                             f"({self.ingest.lease_s}), so leases are renewed before they lapse")
         return self
 
     @model_validator(mode="after")

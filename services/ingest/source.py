@@ -11,7 +11,7 @@ from typing import cast
 
 import cv2
 
-from services.ingest.settings import CameraSettings
+from shared.cameras import CameraSettings
 from shared.imaging import UInt8Array
 from shared.settings import mask_url
 from shared.sources import file_path, source_kind

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -12,13 +13,14 @@ import numpy as np
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.ingest.settings import CameraSettings, IngestSettings
+from services.ingest.settings import IngestSettings
 from services.ingest.source import EndOfStream, Frame, SourceError, SourceState, VideoSource
+from shared.cameras import CameraRegistry, CameraSettings
 from shared.health import LATENCY_BUCKETS, CommonMetrics, Heartbeat
 from shared.imaging import UInt8Array, to_gray
 from shared.schema import FIELD, FrameMsg, encode_frame
-from shared.streams import CONNECTION_ERRORS, Backoff, Keys
-from shared.worker import Stopper
+from shared.streams import CONNECTION_ERRORS, Backoff, Keys, default_consumer_name
+from shared.worker import ChildStopper, Stopper
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,8 @@ class CameraReader(threading.Thread):
         self._backoff = Backoff(self.opts.reconnect_initial_s, self.opts.reconnect_max_s)
         self._redis_backoff = Backoff(settings.redis.backoff_initial_s, settings.redis.backoff_max_s)
         self._next_publish = 0.0
+        self._published = 0
+        self._rate_mark = (time.monotonic(), 0)
         self._lag = 0
         self._lag_checked = 0.0
         self.metrics.up.labels(camera=cam.id).set(0)
@@ -163,7 +167,7 @@ class CameraReader(threading.Thread):
             self.last_frame = time.monotonic()
             self._set_state(SourceState.UP)
             self.metrics.read.labels(camera=self.cam.id).inc()
-            if self._due():
+            if self._due() and not self.stopper.stopping:
                 if self.source.is_file:
                     # A file frame is "captured" when its pacing slot comes, as a camera would show it.
                     frame.capture_ts = time.time()
@@ -246,65 +250,182 @@ class CameraReader(threading.Thread):
             self.stopper.wait(delay)
             return
         self._redis_backoff.reset()
+        self._published += 1
         self.metrics.published.labels(camera=self.cam.id).inc()
+
+    def status(self, owner: str) -> dict[str, object]:
+        """For ``emotion-stream cameras status``: state, published fps since the last call, errors."""
+        now = time.monotonic()
+        since, count = self._rate_mark
+        self._rate_mark = (now, self._published)
+        fps = (self._published - count) / (now - since) if now > since else 0.0
+        return {"owner": owner, "state": self.state.value, "fps": round(fps, 2),
+                "last_frame_age_s": round(now - self.last_frame, 2), "last_error": self.last_error,
+                "url": self.source.safe_url}
 
 
 class IngestWorker:
-    """Runs the camera readers, the watchdog and camera registration until stopped or all files end."""
+    """Runs the camera readers and the watchdog until stopped (or, with static files, until they end).
+
+    Static mode reads the cameras of the settings file. Dynamic mode (``ingest.dynamic``) reads
+    them from Redis, seeded by the file: replicas share the cameras through leases, each taking
+    at most its fair share, and cameras added, changed or removed take effect within
+    ``refresh_s``. A camera is only read while its lease is held, so no two replicas read it.
+    """
 
     def __init__(self, settings: IngestSettings, r: redis.Redis, metrics: IngestMetrics,
                  stopper: Stopper | None = None) -> None:
         self.settings = settings
+        self.opts = settings.ingest
         self.r = r
         self.metrics = metrics
         self.stopper = stopper or Stopper()
         self.keys = Keys(settings.redis.prefix)
         self.heartbeat = Heartbeat(metrics.heartbeat)
-        self.readers = [CameraReader(c, settings, r, metrics, self.stopper) for c in settings.cameras]
+        self.replica = settings.consumer or default_consumer_name()
+        self.registry = CameraRegistry(r, settings.redis.prefix)
+        self.readers: dict[str, CameraReader] = {}
+        self._leaving: list[CameraReader] = []
+        self._lease_until: dict[str, float] = {}
+        self._bad_configs: list[str] = []
 
     def run(self) -> None:
-        for reader in self.readers:
-            reader.start()
-        last_register = 0.0
+        if not self.opts.dynamic:
+            for cam in self.settings.cameras:
+                self._start(cam)
+        else:
+            self._seed()
+        last_sync = 0.0
         while not self.stopper.stopping:
             self.heartbeat.beat()
-            if time.monotonic() - last_register > 2.0:
-                last_register = time.monotonic() if self._register() else 0.0
+            if time.monotonic() - last_sync >= (self.opts.refresh_s if self.opts.dynamic else 2.0):
+                last_sync = time.monotonic() if self._sync_safely() else 0.0
             self._watchdog()
-            if self.readers and all(r.state is SourceState.ENDED for r in self.readers):
+            self._reap()
+            if not self.opts.dynamic and self.readers and all(
+                    r.state is SourceState.ENDED for r in self.readers.values()):
                 log.info("all inputs ended")
                 break
             self.stopper.wait(0.2)
-        self.stopper.stop()
-        for reader in self.readers:
-            reader.join(timeout=self.settings.streams.drain_timeout_s)
+        self._shutdown()
 
-    def _register(self) -> bool:
-        """Announce the cameras so detect workers find their streams (again, after a Redis restart)."""
-        ids = [c.id for c in self.settings.cameras]
-        if not ids:
-            return True
+    def _seed(self) -> None:
+        while not self.stopper.stopping:
+            try:
+                self.registry.seed(self.settings.cameras)
+                return
+            except CONNECTION_ERRORS as exc:
+                self.metrics.redis_errors.inc()
+                log.warning("cannot seed cameras into Redis: %s", exc)
+                self.stopper.wait(1.0)
+
+    def _shutdown(self) -> None:
+        self.stopper.stop()
+        for reader in [*self.readers.values(), *self._leaving]:
+            reader.join(timeout=self.settings.streams.drain_timeout_s)
+        if self.opts.dynamic:
+            try:
+                for cid in self.readers:
+                    self.registry.release(cid, self.replica)
+                self.registry.leave(self.replica)
+            except CONNECTION_ERRORS:
+                pass  # the leases lapse on their own
+
+    def _start(self, cam: CameraSettings) -> None:
+        reader = CameraReader(cam, self.settings, self.r, self.metrics, ChildStopper(self.stopper))
+        self.readers[cam.id] = reader
+        self._lease_until[cam.id] = time.monotonic() + self.opts.lease_s
+        reader.start()
+        log.info("camera %s: reading on replica %s", cam.id, self.replica)
+
+    def _stop(self, cid: str, why: str) -> None:
+        reader = self.readers.pop(cid)
+        reader.stopper.stop()
+        self._leaving.append(reader)
+        log.info("camera %s: stopped on replica %s (%s)", cid, self.replica, why)
+
+    def _reap(self) -> None:
+        """Release a stopped camera's lease only once its thread is gone: never two readers at once."""
+        for reader in [r for r in self._leaving if not r.is_alive()]:
+            self._leaving.remove(reader)
+            if self.opts.dynamic and reader.cam.id not in self.readers:
+                with contextlib.suppress(*CONNECTION_ERRORS):
+                    self.registry.release(reader.cam.id, self.replica)
+
+    def _sync_safely(self) -> bool:
         try:
-            self.r.sadd(self.keys.cameras, *ids)
+            if self.opts.dynamic:
+                self._sync()
+            self._register()
+            return True
         except CONNECTION_ERRORS as exc:
             self.metrics.redis_errors.inc()
-            log.warning("cannot register cameras: %s", exc)
+            log.warning("Redis unavailable (%s)", exc)
+            self._expire_local_leases()
             return False
-        return True
+
+    def _expire_local_leases(self) -> None:
+        """Without Redis no lease can be renewed: stop reading before another replica may start."""
+        if not self.opts.dynamic:
+            return
+        now = time.monotonic()
+        for cid in [c for c, until in self._lease_until.items() if until <= now and c in self.readers]:
+            self._stop(cid, "lease could not be renewed")
+
+    def _sync(self) -> None:
+        alive = self.registry.beat(self.replica, self.opts.lease_s)
+        desired, bad = self.registry.cameras()
+        if bad != self._bad_configs:
+            for line in bad:
+                log.error("ignoring invalid camera in Redis: %s", line)
+            self._bad_configs = bad
+        self._keep_or_drop(desired)
+        quota = -(-len(desired) // alive)
+        for cid in sorted(self.readers, reverse=True)[: max(0, len(self.readers) - quota)]:
+            self._stop(cid, f"rebalancing: {alive} replicas share {len(desired)} cameras")
+        for cid in sorted(desired):
+            if len(self.readers) >= quota:
+                break
+            busy = any(r.cam.id == cid for r in self._leaving)
+            if cid not in self.readers and not busy and self.registry.hold(cid, self.replica, self.opts.lease_s):
+                self._start(desired[cid])
+        self._write_status()
+
+    def _keep_or_drop(self, desired: dict[str, CameraSettings]) -> None:
+        for cid, reader in list(self.readers.items()):
+            if cid not in desired:
+                self._stop(cid, "removed")
+            elif desired[cid] != reader.cam:
+                self._stop(cid, "settings changed")
+            elif not self.registry.hold(cid, self.replica, self.opts.lease_s):
+                self._stop(cid, "lease lost")
+            else:
+                self._lease_until[cid] = time.monotonic() + self.opts.lease_s
+
+    def _register(self) -> None:
+        """Announce the cameras so detect workers find their streams (again, after a Redis restart)."""
+        ids = list(self.readers)
+        if ids:
+            self.r.sadd(self.keys.cameras, *ids)
+
+    def _write_status(self) -> None:
+        for cid, reader in self.readers.items():
+            self.registry.write_status(cid, reader.status(self.replica))
 
     def _watchdog(self) -> None:
         now = time.monotonic()
-        for reader in self.readers:
+        for reader in self.readers.values():
             age = now - reader.last_frame
             self.metrics.frame_age.labels(camera=reader.cam.id).set(age if reader.state is SourceState.UP else 0)
-            if reader.state is SourceState.UP and age > self.settings.ingest.watchdog_s and not reader.stalled.is_set():
+            if reader.state is SourceState.UP and age > self.opts.watchdog_s and not reader.stalled.is_set():
                 log.warning("camera %s: no frame for %.1fs; marking down", reader.cam.id, age)
                 reader.stalled.set()
                 reader.state = SourceState.DOWN
+                reader.last_error = f"no frame for {age:.1f}s (watchdog)"
                 self.metrics.up.labels(camera=reader.cam.id).set(0)
                 self.metrics.stalls.labels(camera=reader.cam.id).inc()
 
     def ready(self) -> tuple[bool, str]:
         self.r.ping()
-        up = sum(1 for r in self.readers if r.state is SourceState.UP)
+        up = sum(1 for r in self.readers.values() if r.state is SourceState.UP)
         return True, f"redis ok, {up}/{len(self.readers)} cameras up"

@@ -1,0 +1,144 @@
+"""Cameras: their settings, and the registry in Redis that live camera management uses.
+
+Keys: ``<prefix>:camera-config`` (hash id -> settings JSON), ``<prefix>:camera-status`` (hash
+id -> status JSON written by the owning ingest replica), ``<prefix>:lease:{id}`` (owner, with
+a TTL) and ``<prefix>:ingest-replicas`` (sorted set of replica heartbeats).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+from pydantic import Field, ValidationError, field_validator
+
+from shared.settings import Section, format_errors
+from shared.sources import source_kind
+
+
+class CameraSettings(Section):
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="camera id")
+    url: str = Field(min_length=1, description="file path, rtsp://, http(s):// MJPEG URL, or USB device index")
+    fps: float = Field(10.0, ge=0.0, le=120.0, description="target frames/s (0 = as fast as the source gives)")
+    loop: bool = Field(False, description="files: start again at the end instead of ending")
+    jpeg_quality: int | None = Field(None, ge=10, le=100, description="override of the service's JPEG quality")
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        source_kind(v)
+        return v
+
+
+
+RENEW = """
+local owner = redis.call('GET', KEYS[1])
+if owner == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+elseif not owner then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class CameraRegistry:
+    """Camera settings, status and ownership leases in Redis."""
+
+    def __init__(self, r: redis.Redis, prefix: str = "es") -> None:
+        self.r = r
+        self.prefix = prefix
+        self.config_key = f"{prefix}:camera-config"
+        self.status_key = f"{prefix}:camera-status"
+        self.replicas_key = f"{prefix}:ingest-replicas"
+        self.cameras_key = f"{prefix}:cameras"
+        self._renew = r.register_script(RENEW)
+        self._release = r.register_script(RELEASE)
+
+    def lease_key(self, camera: str) -> str:
+        return f"{self.prefix}:lease:{{{camera}}}"
+
+    # -- settings -----------------------------------------------------------
+
+    def seed(self, cameras: list[CameraSettings]) -> None:
+        """Add the file's cameras that Redis does not know yet (Redis wins: it holds live edits)."""
+        for cam in cameras:
+            self.r.hsetnx(self.config_key, cam.id, cam.model_dump_json())
+
+    def put(self, cam: CameraSettings, must_exist: bool | None = None) -> None:
+        exists = bool(self.r.hexists(self.config_key, cam.id))
+        if must_exist is True and not exists:
+            raise KeyError(f"camera {cam.id!r} does not exist")
+        if must_exist is False and exists:
+            raise KeyError(f"camera {cam.id!r} already exists")
+        self.r.hset(self.config_key, cam.id, cam.model_dump_json())
+
+    def remove(self, camera: str) -> bool:
+        pipe = self.r.pipeline()
+        pipe.hdel(self.config_key, camera)
+        pipe.hdel(self.status_key, camera)
+        removed = pipe.execute()[0]
+        return bool(removed)
+
+    def cameras(self) -> tuple[dict[str, CameraSettings], list[str]]:
+        """Valid cameras by id, and one message per entry that does not validate."""
+        good: dict[str, CameraSettings] = {}
+        bad: list[str] = []
+        for key, raw in self.r.hgetall(self.config_key).items():
+            cid = key.decode() if isinstance(key, bytes) else str(key)
+            try:
+                good[cid] = CameraSettings.model_validate_json(raw)
+            except ValidationError as exc:
+                bad.append(f"camera {cid}: " + "; ".join(format_errors(exc)))
+        return good, bad
+
+    # -- leases and replicas -------------------------------------------------
+
+    def hold(self, camera: str, owner: str, lease_s: float) -> bool:
+        """Take or renew the camera's lease; False when another replica holds it."""
+        return bool(self._renew(keys=[self.lease_key(camera)], args=[owner, int(lease_s * 1000)]))
+
+    def release(self, camera: str, owner: str) -> None:
+        self._release(keys=[self.lease_key(camera)], args=[owner])
+
+    def owner(self, camera: str) -> str | None:
+        value = self.r.get(self.lease_key(camera))
+        return value.decode() if isinstance(value, bytes) else value
+
+    def beat(self, replica: str, lease_s: float) -> int:
+        """Record this replica as alive; returns how many replicas are alive."""
+        now = time.time()
+        pipe = self.r.pipeline()
+        pipe.zadd(self.replicas_key, {replica: now})
+        pipe.zremrangebyscore(self.replicas_key, "-inf", now - lease_s)
+        pipe.zcard(self.replicas_key)
+        return max(1, int(pipe.execute()[2]))
+
+    def leave(self, replica: str) -> None:
+        self.r.zrem(self.replicas_key, replica)
+
+    # -- status ---------------------------------------------------------------
+
+    def write_status(self, camera: str, status: dict[str, Any]) -> None:
+        self.r.hset(self.status_key, camera, json.dumps({**status, "updated": time.time()}))
+
+    def statuses(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for key, raw in self.r.hgetall(self.status_key).items():
+            cid = key.decode() if isinstance(key, bytes) else str(key)
+            try:
+                out[cid] = json.loads(raw)
+            except ValueError:
+                continue
+        return out
