@@ -32,6 +32,10 @@ class DetectorSettings(BaseModel):
     dnn_config: Path | None = Field(None, description="DNN config (.prototxt) where the format needs one")
     dnn_confidence: float = Field(0.6, gt=0, lt=1, description="DNN score threshold")
     margin: float = Field(0.1, ge=0.0, le=1.0, description="crop margin as a fraction of the face side")
+    keyframe_interval: int = Field(0, ge=0, le=1000,
+                                   description="search the whole frame every N frames of a camera and only around "
+                                               "known faces in between (0 = whole frame always)")
+    roi_expand: float = Field(0.6, ge=0.1, le=3.0, description="search region around a known face, in face sides")
 
     @model_validator(mode="after")
     def _dnn_needs_model(self) -> DetectorSettings:
@@ -91,6 +95,80 @@ class DnnDetector:
             if x2 - x1 >= self.cfg.min_size // 2 and y2 - y1 >= self.cfg.min_size // 2:
                 boxes.append(Box(int(x1), int(y1), int(x2 - x1), int(y2 - y1)))
         return boxes
+
+
+@dataclass
+class _CameraState:
+    boxes: list[Box]
+    since_key: int
+
+
+class FollowingDetector:
+    """Whole-frame search on keyframes; in between, search only around the faces already known.
+
+    A face's neighbourhood is a few percent of a frame, so the frames between keyframes cost
+    little. New faces are found at the next keyframe (at most ``keyframe_interval`` frames later),
+    and a frame where a known face is lost becomes a keyframe at once.
+    """
+
+    def __init__(self, base: Detector, cfg: DetectorSettings) -> None:
+        self.base = base
+        self.cfg = cfg
+        self._cameras: dict[str, _CameraState] = {}
+        self.keyframes = 0
+        self.followed = 0
+
+    def detect(self, gray: UInt8Array, camera: str = "") -> list[Box]:
+        state = self._cameras.get(camera)
+        if state is None or not state.boxes or state.since_key + 1 >= self.cfg.keyframe_interval:
+            return self._keyframe(gray, camera)
+        found = self._around(gray, state.boxes)
+        if len(found) < len(state.boxes):
+            return self._keyframe(gray, camera)
+        state.boxes, state.since_key = found, state.since_key + 1
+        self.followed += 1
+        return found
+
+    def bound(self, camera: str) -> Detector:
+        """A :class:`Detector` for one camera's frames."""
+        return _BoundFollower(self, camera)
+
+    def _keyframe(self, gray: UInt8Array, camera: str) -> list[Box]:
+        boxes = self.base.detect(gray)
+        self._cameras[camera] = _CameraState(boxes, 0)
+        self.keyframes += 1
+        return boxes
+
+    def _around(self, gray: UInt8Array, known: list[Box]) -> list[Box]:
+        h, w = gray.shape[:2]
+        found: list[Box] = []
+        for box in known:
+            pad = int(max(box.w, box.h) * self.cfg.roi_expand)
+            x0, y0 = max(0, box.x - pad), max(0, box.y - pad)
+            x1, y1 = min(w, box.x + box.w + pad), min(h, box.y + box.h + pad)
+            hits = self.base.detect(np.ascontiguousarray(gray[y0:y1, x0:x1]))
+            if hits:
+                best = max(hits, key=lambda b: b.w * b.h)
+                moved = Box(best.x + x0, best.y + y0, best.w, best.h)
+                if all(_overlap(moved, other) < 0.5 for other in found):
+                    found.append(moved)
+        return found
+
+
+@dataclass(frozen=True)
+class _BoundFollower:
+    follower: FollowingDetector
+    camera: str
+
+    def detect(self, gray: UInt8Array) -> list[Box]:
+        return self.follower.detect(gray, self.camera)
+
+
+def _overlap(a: Box, b: Box) -> float:
+    x1, y1 = max(a.x, b.x), max(a.y, b.y)
+    x2, y2 = min(a.x + a.w, b.x + b.w), min(a.y + a.h, b.y + b.h)
+    inter = max(0, x2 - x1) * max(0, y2 - y1)
+    return inter / max(1, min(a.w * a.h, b.w * b.h))
 
 
 def make_detector(cfg: DetectorSettings) -> Detector:

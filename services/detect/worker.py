@@ -12,7 +12,7 @@ import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.detect.settings import DetectSettings
-from shared.detection import Detector, detect_and_crop
+from shared.detection import Detector, FollowingDetector, detect_and_crop
 from shared.health import LATENCY_BUCKETS, CommonMetrics
 from shared.schema import FIELD, DecodeError, FaceCrop, FacesMsg, FrameMsg, decode_frame, encode_faces
 from shared.streams import CONNECTION_ERRORS, Entry
@@ -42,7 +42,10 @@ class DetectWorker(StreamWorker):
                  stopper: Stopper | None = None) -> None:
         super().__init__(settings, r, settings.detect.group, metrics, stopper)
         self.cfg = settings
-        self.detector = detector
+        # Following known faces between keyframes needs frames of a camera in order; each worker
+        # follows the frames it gets (consumer groups hand a camera's frames out in order).
+        self.detector: Detector = detector
+        self.follower = FollowingDetector(detector, settings.detector) if settings.detector.keyframe_interval else None
         self.metrics = metrics
         self._streams: list[str] = []
         self._streams_at = 0.0
@@ -100,7 +103,8 @@ class DetectWorker(StreamWorker):
         self._detect(pipe, msg, image, started)
 
     def _detect(self, pipe: Any, msg: FrameMsg, image: np.ndarray, started: float) -> None:
-        found = detect_and_crop(self.detector, image, self.cfg.detector.margin)
+        detector = self.detector if self.follower is None else self.follower.bound(msg.camera)
+        found = detect_and_crop(detector, image, self.cfg.detector.margin)
         self.metrics.latency.observe(time.perf_counter() - started)
         self.metrics.processed.labels(camera=msg.camera).inc()
         self.metrics.faces_per_frame.observe(len(found))
