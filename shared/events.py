@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import redis
 
@@ -27,6 +27,7 @@ from shared.schema import DecodeError, EventMsg, TrackEventMsg, decode_event, de
 from shared.streams import Keys, ensure_group, parse_read
 
 log = logging.getLogger(__name__)
+M = TypeVar("M")
 
 
 @dataclass(frozen=True)
@@ -43,76 +44,71 @@ class EventFilter:
         return ev.score >= self.min_score
 
 
-class EventReader:
-    def __init__(self, r: redis.Redis, keys: Keys | None = None, start: str = "now",
-                 filt: EventFilter | None = None, group: str | None = None, consumer: str = "events-cli",
-                 block_ms: int = 500) -> None:
+class _StreamReader(Generic[M]):
+    """Reads one stream from a position or through a consumer group; decodes, skips and counts bad entries."""
+
+    def __init__(self, r: redis.Redis, stream: str, decode: Callable[[bytes], M], start: str, group: str | None,
+                 consumer: str, block_ms: int) -> None:
         self.r = r
-        self.keys = keys or Keys()
-        self.filt = filt or EventFilter()
+        self.stream = stream
+        self.decode = decode
         self.group = group
         self.consumer = consumer
         self.block_ms = block_ms
         self.skipped = 0
         self.last_id = {"now": "$", "start": "0-0"}.get(start, start)
         if group:
-            ensure_group(r, self.keys.events, group)
+            ensure_group(r, stream, group)
 
-    def poll(self) -> list[EventMsg]:
-        """One blocking read; returns the matching events (maybe none)."""
-        stream = self.keys.events
+    def read(self) -> list[M]:
         reply: Any
         if self.group:
-            reply = self.r.xreadgroup(self.group, self.consumer, {stream: ">"}, count=256, block=self.block_ms)
+            reply = self.r.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=256, block=self.block_ms)
         else:
-            reply = self.r.xread({stream: self.last_id}, count=256, block=self.block_ms)
+            reply = self.r.xread({self.stream: self.last_id}, count=256, block=self.block_ms)
         entries = parse_read(reply)
         out = []
         for entry in entries:
             self.last_id = entry.id
             try:
-                ev = decode_event(entry.payload or b"")
+                out.append(self.decode(entry.payload or b""))
             except DecodeError as exc:
                 self.skipped += 1
-                log.warning("skipping event %s: %s", entry.id, exc)
-                continue
-            if self.filt.matches(ev):
-                out.append(ev)
+                log.warning("skipping %s entry %s: %s", self.stream, entry.id, exc)
         if self.group and entries:
-            self.r.xack(stream, self.group, *[e.id for e in entries])
+            self.r.xack(self.stream, self.group, *[e.id for e in entries])
         return out
+
+
+class EventReader(_StreamReader[EventMsg]):
+    """Per-frame emotion events, filtered."""
+
+    def __init__(self, r: redis.Redis, keys: Keys | None = None, start: str = "now",
+                 filt: EventFilter | None = None, group: str | None = None, consumer: str = "events-cli",
+                 block_ms: int = 500) -> None:
+        super().__init__(r, (keys or Keys()).events, decode_event, start, group, consumer, block_ms)
+        self.filt = filt or EventFilter()
+
+    def poll(self) -> list[EventMsg]:
+        """One blocking read; returns the matching events (maybe none)."""
+        return [ev for ev in self.read() if self.filt.matches(ev)]
 
     def __iter__(self) -> Iterator[EventMsg]:
         while True:
             yield from self.poll()
 
 
-class TrackReader:
-    """Track events (started / changed / ended) from the tracks stream."""
+class TrackReader(_StreamReader[TrackEventMsg]):
+    """Track events (started / changed / ended)."""
 
     def __init__(self, r: redis.Redis, keys: Keys | None = None, start: str = "now",
-                 cameras: frozenset[str] = frozenset(), block_ms: int = 500) -> None:
-        self.r = r
-        self.keys = keys or Keys()
+                 cameras: frozenset[str] = frozenset(), group: str | None = None, consumer: str = "tracks-cli",
+                 block_ms: int = 500) -> None:
+        super().__init__(r, (keys or Keys()).tracks, decode_track, start, group, consumer, block_ms)
         self.cameras = cameras
-        self.block_ms = block_ms
-        self.skipped = 0
-        self.last_id = {"now": "$", "start": "0-0"}.get(start, start)
 
     def poll(self) -> list[TrackEventMsg]:
-        reply = self.r.xread({self.keys.tracks: self.last_id}, count=256, block=self.block_ms)
-        out = []
-        for entry in parse_read(reply):
-            self.last_id = entry.id
-            try:
-                te = decode_track(entry.payload or b"")
-            except DecodeError as exc:
-                self.skipped += 1
-                log.warning("skipping track event %s: %s", entry.id, exc)
-                continue
-            if not self.cameras or te.camera in self.cameras:
-                out.append(te)
-        return out
+        return [te for te in self.read() if not self.cameras or te.camera in self.cameras]
 
 
 def subscribe(r: redis.Redis, start: str = "now", filt: EventFilter | None = None, keys: Keys | None = None,
