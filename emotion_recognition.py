@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from pydantic import ValidationError
 
-from shared.classifier import Classifier, Runtime, load_classifier
+from shared.classifier import DEFAULT_FLIP_TTA, Classifier, Runtime, load_classifier
 from shared.detection import Detector, DetectorSettings, detect_and_crop, make_detector
 from shared.imaging import UInt8Array
 from shared.model_bundle import DEFAULT_BUNDLE, BundleError
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object per face instead of text")
     p.add_argument("--model", type=Path, default=DEFAULT_BUNDLE, metavar="DIR",
                    help="model bundle folder (default: %(default)s)")
+    p.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=DEFAULT_FLIP_TTA,
+                   help="average each face with its mirror image, as the classify service does by default")
     p.add_argument("--runtime", choices=("auto", "litert", "tensorflow"), default="auto",
                    help="inference runtime; auto prefers LiteRT (default: %(default)s)")
     p.add_argument("--every", type=positive_int, default=1, metavar="N",
@@ -184,10 +186,10 @@ def check_output(output: Path, source: Path, video: bool) -> None:
         raise CliError(f"{output}: no image format for extension '{output.suffix}'")
 
 
-def open_classifier(bundle: Path, runtime: Runtime) -> Classifier:
+def open_classifier(bundle: Path, runtime: Runtime, flip_tta: bool = DEFAULT_FLIP_TTA) -> Classifier:
     try:
         # warming every batch bucket pays off in a long-running service, not for one file
-        clf = load_classifier(bundle, runtime, warm=False)
+        clf = load_classifier(bundle, runtime, warm=False, flip_tta=flip_tta)
     except BundleError as exc:
         raise CliError(f"{exc} (choose a bundle with --model)") from exc
     except (ImportError, OSError, ValueError, RuntimeError) as exc:
@@ -286,7 +288,7 @@ def run(args: argparse.Namespace, settings: DetectorSettings) -> int:
     try:
         if args.output is not None:
             check_output(args.output, args.input, isinstance(source, Video))
-        classifier = open_classifier(args.model, args.runtime)
+        classifier = open_classifier(args.model, args.runtime, args.flip_tta)
         pipeline = Pipeline(make_detector(settings), classifier, settings.margin)
         reporter = Reporter(source=str(args.input), as_json=args.json, model_version=classifier.meta.version)
         if isinstance(source, Video):

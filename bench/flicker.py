@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from shared.classifier import load_classifier
+from shared.classifier import DEFAULT_FLIP_TTA, load_classifier
 from shared.detection import DetectorSettings, detect_and_crop, make_detector
 from shared.model_bundle import DEFAULT_BUNDLE
 from shared.sample import sample_video
@@ -33,7 +33,7 @@ def main() -> None:
     cap = cv2.VideoCapture(str(video))
     fps = cap.get(cv2.CAP_PROP_FPS) or 10.0
     detector = make_detector(DetectorSettings())
-    clf = load_classifier(args.model, "litert")
+    clf = load_classifier(args.model, "litert", flip_tta=DEFAULT_FLIP_TTA)
     tracker = CameraTracker("clip", clf.classes, TrackerSettings())
     raw: dict[int, list[str]] = {}
     smooth: dict[int, list[str]] = {}

@@ -42,7 +42,7 @@ import benchlib
 import cv2
 import numpy as np
 
-from shared.classifier import load_classifier
+from shared.classifier import DEFAULT_FLIP_TTA, load_classifier
 from shared.detection import DetectorSettings, HaarDetector, detect_and_crop
 from shared.imaging import UInt8Array
 from shared.model_bundle import DEFAULT_BUNDLE
@@ -128,7 +128,7 @@ def make_ours(args: argparse.Namespace, downscale_width: int) -> tuple[Process, 
     t0 = time.perf_counter()
     cfg = DetectorSettings(downscale_width=downscale_width)
     detector = HaarDetector(cfg)
-    clf = load_classifier(args.model, "litert", args.threads)
+    clf = load_classifier(args.model, "litert", args.threads, flip_tta=DEFAULT_FLIP_TTA)
     load_s = time.perf_counter() - t0
 
     def process(frame: UInt8Array) -> tuple[list[Box], list[str]]:

@@ -259,3 +259,11 @@ def test_shipped_model_accuracy_floor_on_publictest_sample() -> None:
     probs = load_classifier(DEFAULT_BUNDLE).predict(sample)
     accuracy = _accuracy(truth, probs)
     assert accuracy >= SHIPPED_FLOOR, f"PublicTest[::4] accuracy {accuracy:.4f} < {SHIPPED_FLOOR}"
+
+
+def test_flip_tta_averages_each_face_with_its_mirror(dev_or_shipped_bundle: Path) -> None:
+    plain = load_classifier(dev_or_shipped_bundle, "litert")
+    tta = load_classifier(dev_or_shipped_bundle, "litert", flip_tta=True)
+    crops = np.random.default_rng(5).integers(0, 256, (70, 64, 64), dtype=np.uint8)
+    expected = (plain.predict(crops) + plain.predict(np.ascontiguousarray(crops[:, :, ::-1]))) / 2
+    np.testing.assert_allclose(tta.predict(crops), expected, atol=1e-6)

@@ -14,7 +14,7 @@ import pytest
 from media import MjpegServer, RtspServer, write_h264
 from support import FER_DIR, RedisServer, Service, pipeline, service_env, wait_for
 
-from shared.classifier import load_classifier
+from shared.classifier import DEFAULT_FLIP_TTA, load_classifier
 from shared.detection import DetectorSettings, HaarDetector, detect_and_crop
 from shared.events import EventReader
 from shared.model_bundle import read_meta
@@ -59,7 +59,7 @@ def collect(server: RedisServer, until: Any, timeout: float, services: dict[str,
 
 def happy_faces(bundle: Path, want: int) -> list[np.ndarray]:
     """FER2013 PublicTest Happy faces that, placed in a frame, Haar finds and the model calls Happy."""
-    clf = load_classifier(bundle, "litert")
+    clf = load_classifier(bundle, "litert", flip_tta=DEFAULT_FLIP_TTA)
     if "Happy" not in clf.classes:
         pytest.skip("model has no Happy class")
     detector = HaarDetector(DetectorSettings())

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from shared.classifier import DEFAULT_FLIP_TTA
 from shared.model_bundle import DEFAULT_BUNDLE
 from shared.settings import Section, ServiceSettings
 from shared.tracking import TrackerSettings
@@ -16,6 +17,7 @@ class ClassifyOptions(Section):
     group: str = Field("classify", min_length=1, description="consumer group on the faces stream")
     model: Path = Field(DEFAULT_BUNDLE, description="model bundle folder (model.json + weights)")
     runtime: Literal["auto", "litert", "tensorflow"] = Field("auto", description="inference runtime")
+    flip_tta: bool = Field(DEFAULT_FLIP_TTA, description="average each face with its mirror image (2x model time)")
     threads: int = Field(1, ge=0, le=64, description="inference threads (0 = runtime default)")
     max_batch: int = Field(64, ge=1, le=1024, description="run the model once this many faces wait")
     max_wait_ms: int = Field(20, ge=0, le=10_000, description="... or once the oldest waiting face is this old")
