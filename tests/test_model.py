@@ -267,3 +267,34 @@ def test_flip_tta_averages_each_face_with_its_mirror(dev_or_shipped_bundle: Path
     crops = np.random.default_rng(5).integers(0, 256, (70, 64, 64), dtype=np.uint8)
     expected = (plain.predict(crops) + plain.predict(np.ascontiguousarray(crops[:, :, ::-1]))) / 2
     np.testing.assert_allclose(tta.predict(crops), expected, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fine_tune_from_the_shipped_weights_to_new_classes(tmp_path: Path) -> None:
+    """A folder per class with names of its own: the bundle gets those classes and a new head."""
+    from shared.model_bundle import DEFAULT_BUNDLE, META_FILE, read_meta
+
+    if not (DEFAULT_BUNDLE / META_FILE).exists():
+        pytest.skip("shipped model not built yet")
+    fer = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013" / "publictest.npz"
+    if not fer.exists():
+        pytest.skip(f"FER2013 data not found at {fer}")
+    with np.load(fer) as data:
+        images, labels = data["images"], data["labels"]
+    for name, label in (("smile", 3), ("frown", 4)):
+        folder = tmp_path / "faces" / name
+        folder.mkdir(parents=True)
+        for i, face in enumerate(images[labels == label][:40]):
+            cv2.imwrite(str(folder / f"{i}.png"), face)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "services.classify.train", "--train", str(tmp_path / "faces"), "--val",
+           str(tmp_path / "faces"), "--init-from", str(DEFAULT_BUNDLE), "--out", str(out), "--epochs", "1",
+           "--width", "1.25", "--batch-size", "16", "--warmup-epochs", "0"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_meta(out / "bundle").classes == ("frown", "smile")
+    clf = load_classifier(out / "bundle", "litert")
+    probs = clf.predict(np.stack([cv2.resize(f, (64, 64)) for f in images[:5]]))
+    assert probs.shape == (5, 2)
+    assert "fine-tuning from" in result.stderr and "head re-initialised" in result.stderr

@@ -218,7 +218,8 @@ def train(args: argparse.Namespace) -> Path:
         epochs=args.epochs, callbacks=callbacks, verbose=0,
     )
     best = keras.models.load_model(args.out / "best.keras", compile=False)
-    record = {"train_args": {k: str(v) for k, v in vars(args).items()},
+    # Paths are recorded by name only: the bundle travels to other machines.
+    record = {"train_args": {k: v.name if isinstance(v, Path) else str(v) for k, v in vars(args).items()},
               "train_seconds": round(time.monotonic() - started, 1),
               "arch": asdict(ArchConfig(len(train_set.classes), args.width, args.internal_size, args.dropout, args.l2)),
               "params": int(best.count_params()), "macs": count_macs(best)}
