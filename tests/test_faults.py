@@ -40,7 +40,11 @@ def base_config(bundle: Path, cameras: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def all_events(server: RedisServer) -> list[EventMsg]:
-    return EventReader(server.client(), start="start", block_ms=10).poll()
+    reader = EventReader(server.client(), start="start", block_ms=10)
+    events: list[EventMsg] = []
+    while batch := reader.read():  # a read returns at most 256 entries
+        events += batch
+    return events
 
 
 def frames_with_faces(server: RedisServer, camera: str) -> set[int]:
@@ -256,12 +260,16 @@ def test_overload_stays_bounded_and_every_frame_is_counted(tmp_path: Path, redis
         dropped = metric_sum(ports["detect"], "es_frames_dropped_total", stage="detect")
         stale = metric_sum(ports["detect"], "es_frames_dropped_total", stage="detect", reason="stale")
         p99 = histogram_quantile(ports["classify"], "es_end_to_end_seconds", 0.99)
+        latencies = sorted(e.publish_ts - e.capture_ts for e in all_events(redis_server))
+        exact_p99 = latencies[int(0.99 * (len(latencies) - 1))]
     print(f"overload: published {published}, detected {processed:.0f}, dropped stale {stale:.0f}, "
-          f"max stream length {max(lengths)}, e2e p99 <= {p99}s, rss {rss_start} -> {rss_end}")
+          f"max stream length {max(lengths)}, e2e p99 {exact_p99:.3f}s (histogram bucket <= {p99}s), "
+          f"rss {rss_start} -> {rss_end}")
     assert published == processed + dropped, "every published frame is processed or counted as dropped"
     assert stale > 0, "the test must actually overload detect"
     assert max(lengths) <= 100 + 100  # MAXLEN ~ trims whole macro nodes (100 entries)
-    assert p99 <= 1.5  # stale limit 0.5 s + detect + batching on a busy 2-core machine
+    # Bounded by the stale limit (0.5 s) plus one detect call and a batch, on a busy 2-core machine.
+    assert exact_p99 < 0.5 + 1.5
     for name in rss_start:
         assert rss_end[name] - rss_start[name] < 50_000, f"{name} memory grew {rss_start} -> {rss_end}"
 

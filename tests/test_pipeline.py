@@ -100,7 +100,8 @@ def test_file_camera_with_happy_faces_yields_happy_events(tmp_path: Path, redis_
         assert e.camera == "lobby"
         assert e.model_version == meta.version and e.classes == meta.classes
         assert sum(e.probs) == pytest.approx(1.0, abs=1e-3)
-        assert 150 < e.box.x < 250 and 70 < e.box.y < 170 and 180 < e.box.w < 330
+        cx, cy = e.box.x + e.box.w / 2, e.box.y + e.box.h / 2
+        assert 200 < cx < 440 and 120 < cy < 360 and 120 < e.box.w < 330, e.box  # inside the pasted face
         assert e.publish_ts >= e.capture_ts
     assert len({e.event_id for e in events}) == 8
     assert sorted(e.seq for e in events) == [e.seq for e in events]
