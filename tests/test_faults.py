@@ -94,6 +94,9 @@ def test_killed_workers_lose_nothing(tmp_path: Path, redis_server: RedisServer, 
         if ev.event_id in by_id:  # a re-delivered frame: same id, same answer
             assert by_id[ev.event_id].label == ev.label
         by_id[ev.event_id] = ev
+    published = redis_server.client().xlen(KEYS.frames("cam"))
+    print(f"killed workers: {published} frames published, {len(expected)} with a face, {len(events)} events "
+          f"({len(events) - len(by_id)} re-deliveries with the same id), {len(by_id)} distinct")
     assert {e.seq for e in by_id.values()} == expected
     assert len(expected) >= 50
 
