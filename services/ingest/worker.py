@@ -167,11 +167,15 @@ class CameraReader(threading.Thread):
             self.last_frame = time.monotonic()
             self._set_state(SourceState.UP)
             self.metrics.read.labels(camera=self.cam.id).inc()
-            if self._due() and not self.stopper.stopping:
-                if self.source.is_file:
-                    # A file frame is "captured" when its pacing slot comes, as a camera would show it.
-                    frame.capture_ts = time.time()
-                self._publish(frame)
+            if not self._due():
+                continue
+            if self.stopper.stopping:
+                self.metrics.drop(self.cam.id, "shutdown")  # read, but the camera is being stopped
+                return
+            if self.source.is_file:
+                # A file frame is "captured" when its pacing slot comes, as a camera would show it.
+                frame.capture_ts = time.time()
+            self._publish(frame)
 
     def _set_state(self, state: SourceState) -> None:
         if state is not self.state:
