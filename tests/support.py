@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -138,3 +139,12 @@ def fer_face(label: int, index: int = 0) -> np.ndarray:
     with np.load(FER_DIR / "publictest.npz") as data:
         faces = data["images"][data["labels"] == label]
     return np.asarray(faces[index])
+
+
+def endpoint_ok(port: int, path: str) -> bool:
+    """True when a service's /healthz or /readyz on ``port`` answers 200."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False

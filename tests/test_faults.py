@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 from media import HangingMjpeg, RtspServer
-from support import RedisServer, Service, free_port, pipeline, service_env, wait_for
+from support import RedisServer, Service, endpoint_ok, free_port, pipeline, service_env, wait_for
 
 from shared.detection import DetectorSettings, HaarDetector, detect_and_crop
 from shared.events import EventReader
@@ -190,26 +190,19 @@ def test_sigterm_drains_and_exits_0_and_a_second_exits_at_once(tmp_path: Path, r
     metrics_port = free_port()
     with pipeline(tmp_path, redis_server.url, cfg, services=(service,), ES_METRICS__PORT=str(metrics_port)) as procs:
         proc = procs[service].proc
-        wait_for(lambda: _healthy(metrics_port), 60, what=f"{service} healthy")
+        wait_for(lambda: endpoint_ok(metrics_port, '/healthz'), 60, what=f"{service} healthy")
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0, procs[service].log()[-2000:]
         assert time.monotonic() - started < 6
     with pipeline(tmp_path, redis_server.url, cfg, services=(service,), ES_METRICS__PORT=str(metrics_port)) as procs:
         proc = procs[service].proc
-        wait_for(lambda: _healthy(metrics_port), 60, what=f"{service} healthy again")
+        wait_for(lambda: endpoint_ok(metrics_port, '/healthz'), 60, what=f"{service} healthy again")
         os.kill(proc.pid, signal.SIGTERM)
         os.kill(proc.pid, signal.SIGTERM)
         code = proc.wait(5)
         assert code in (0, 128 + signal.SIGTERM), f"exit code {code}:\n{procs[service].log()[-2000:]}"
 
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 def metric_sum(port: int, name: str, **labels: str) -> float:

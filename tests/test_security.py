@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from support import RedisServer, Service, free_port, service_env, wait_for
+from support import RedisServer, Service, endpoint_ok, free_port, service_env, wait_for
 
 from shared.settings import RedisSettings
 from shared.streams import connect
@@ -40,13 +40,6 @@ def test_password_and_acl_user_authenticate(auth_server: RedisServer) -> None:
         connect(RedisSettings(url=url)).ping()
 
 
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
 
 def test_services_with_credentials_run_and_never_log_them(tmp_path: Path, auth_server: RedisServer) -> None:
     url = f"redis://camera-app:app-secret-pw@127.0.0.1:{auth_server.port}/0"
@@ -56,7 +49,7 @@ def test_services_with_credentials_run_and_never_log_them(tmp_path: Path, auth_s
     port = free_port()
     ingest = Service("ingest", tmp_path / "config.yaml", service_env(url, ES_METRICS__PORT=str(port)), tmp_path)
     try:
-        wait_for(lambda: _ready(port), 30, what="ingest ready with ACL credentials")
+        wait_for(lambda: endpoint_ok(port, '/readyz'), 30, what="ingest ready with ACL credentials")
         wait_for(lambda: "reconnecting" in ingest.log(), 30, what="camera retry logged")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
             metrics = resp.read().decode()
