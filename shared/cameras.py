@@ -85,7 +85,7 @@ class CameraRegistry:
         self.r.hset(self.config_key, cam.id, cam.model_dump_json())
 
     def remove(self, camera: str) -> bool:
-        pipe = self.r.pipeline()
+        pipe = self.r.pipeline(transaction=False)
         pipe.hdel(self.config_key, camera)
         pipe.hdel(self.status_key, camera)
         removed = pipe.execute()[0]
@@ -119,7 +119,7 @@ class CameraRegistry:
     def beat(self, replica: str, lease_s: float) -> int:
         """Record this replica as alive; returns how many replicas are alive."""
         now = time.time()
-        pipe = self.r.pipeline()
+        pipe = self.r.pipeline(transaction=False)
         pipe.zadd(self.replicas_key, {replica: now})
         pipe.zremrangebyscore(self.replicas_key, "-inf", now - lease_s)
         pipe.zcard(self.replicas_key)

@@ -35,6 +35,8 @@ class RedisSettings(Section):
     ssl_ca_certs: Path | None = Field(None, description="CA bundle for rediss://")
     ssl_certfile: Path | None = Field(None, description="client certificate for rediss://")
     ssl_keyfile: Path | None = Field(None, description="client key for rediss://")
+    cluster: bool = Field(False, description="the URL names a node of a Redis Cluster (keys spread over its "
+                          "shards by their hash tags)")
     socket_timeout_s: float = Field(5.0, gt=0, le=120, description="socket timeout for commands")
     prefix: str = Field("es", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$",
                         description="key prefix, so several pipelines can share one Redis")

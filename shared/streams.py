@@ -12,9 +12,10 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
+from redis.crc import key_slot
 
 from shared.schema import FIELD
 from shared.settings import RedisSettings, StreamSettings, mask_url
@@ -67,7 +68,11 @@ class Keys:
 
 
 def connect(cfg: RedisSettings) -> redis.Redis:
-    """A client from settings; it does not touch the network until first used."""
+    """A client from settings; it does not touch the network until first used.
+
+    With ``cluster`` set the client is a ``RedisCluster``: it offers the same commands the
+    services use and routes each key to the shard owning its slot.
+    """
     kwargs: dict[str, Any] = {"socket_timeout": cfg.socket_timeout_s, "socket_connect_timeout": cfg.socket_timeout_s,
                               "health_check_interval": 15}
     if cfg.password is not None:
@@ -77,7 +82,51 @@ def connect(cfg: RedisSettings) -> redis.Redis:
     if cfg.url.startswith("rediss://"):
         kwargs.update(ssl_ca_certs=_opt(cfg.ssl_ca_certs), ssl_certfile=_opt(cfg.ssl_certfile),
                       ssl_keyfile=_opt(cfg.ssl_keyfile))
+    if cfg.cluster:
+        return cast(redis.Redis, redis.RedisCluster.from_url(cfg.url, **kwargs))
     return redis.Redis.from_url(cfg.url, **kwargs)
+
+
+def is_cluster(r: Any) -> bool:
+    return isinstance(r, redis.RedisCluster)
+
+
+class LivePublisher:
+    """PUBLISH for live subscribers, sent with the caller's pipeline.
+
+    A cluster pipeline refuses PUBLISH; there the messages go in one pipeline to a single node,
+    whose cluster bus forwards them to subscribers on every node.
+    """
+
+    def __init__(self, r: Any) -> None:
+        self.r = r
+        self.cluster = is_cluster(r)
+        self.pending: list[tuple[str, bytes]] = []
+
+    def queue(self, pipe: Any, channel: str, payload: bytes) -> None:
+        if self.cluster:
+            self.pending.append((channel, payload))
+        else:
+            pipe.publish(channel, payload)
+
+    def flush(self) -> None:
+        """Send what :meth:`queue` held back; call after the caller's pipeline executed."""
+        if not self.pending:
+            return
+        node = self.r.get_redis_connection(self.r.get_default_node())
+        pipe = node.pipeline(transaction=False)
+        for channel, payload in self.pending:
+            pipe.publish(channel, payload)
+        self.pending.clear()
+        pipe.execute()
+
+
+def by_slot(streams: list[str]) -> list[list[str]]:
+    """Streams grouped by cluster slot: one XREADGROUP may only name keys of one slot."""
+    groups: dict[int, list[str]] = {}
+    for stream in streams:
+        groups.setdefault(key_slot(stream.encode()), []).append(stream)
+    return list(groups.values())
 
 
 def _opt(path: Any) -> str | None:

@@ -28,15 +28,21 @@ from shared.streams import (
     Entry,
     Keys,
     autoclaim,
+    by_slot,
     dead_letter,
     default_consumer_name,
     delivery_counts,
     ensure_group,
+    is_cluster,
     is_nogroup,
     parse_read,
 )
 
 log = logging.getLogger(__name__)
+
+# On a cluster, streams on several slots cannot share one blocking read: an idle worker
+# polls them with blocking reads this short, one slot at a time.
+CLUSTER_POLL_MS = 50
 
 
 class Stopper:
@@ -116,6 +122,8 @@ class StreamWorker(ABC):
         self.backoff = Backoff(settings.redis.backoff_initial_s, settings.redis.backoff_max_s)
         self._groups: set[str] = set()
         self._last_claim = 0.0
+        self._clustered = is_cluster(r)
+        self._turn = 0
 
     # -- subclass API -------------------------------------------------------
 
@@ -165,13 +173,30 @@ class StreamWorker(ABC):
             self.stopper.wait(self.settings.streams.block_ms / 1000)
             self.idle()
             return
-        reply = self.r.xreadgroup(self.group, self.consumer, {s: ">" for s in streams},
-                                  count=self.read_count(), block=self.block_ms())
-        entries = parse_read(reply)
+        entries = self._read(streams)
         if entries:
             self.handle(entries)
         else:
             self.idle()
+
+    def _read(self, streams: list[str]) -> list[Entry]:
+        groups = by_slot(streams) if self._clustered else [streams]
+        if len(groups) == 1:
+            return self._read_group(groups[0], self.block_ms())
+        # Rotating the starting slot keeps one busy camera from starving the others.
+        self._turn = (self._turn + 1) % len(groups)
+        ordered = groups[self._turn:] + groups[:self._turn]
+        entries: list[Entry] = []
+        for group in ordered:
+            entries += self._read_group(group, None, self.read_count() - len(entries))
+            if len(entries) >= self.read_count():
+                break
+        return entries or self._read_group(ordered[0], min(self.block_ms(), CLUSTER_POLL_MS))
+
+    def _read_group(self, streams: list[str], block: int | None, count: int | None = None) -> list[Entry]:
+        reply = self.r.xreadgroup(self.group, self.consumer, {s: ">" for s in streams},
+                                  count=count or self.read_count(), block=block)
+        return parse_read(reply)
 
     def _on_redis_down(self, exc: Exception) -> None:
         self.common.redis_errors.inc()

@@ -38,7 +38,11 @@ def config(bundle: Path, cameras: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def collect(server: RedisServer, until: Any, timeout: float, services: dict[str, Service]) -> list[EventMsg]:
-    reader = EventReader(server.client(), start="start", block_ms=200)
+    return collect_from(server.client(), until, timeout, services)
+
+
+def collect_from(client: Any, until: Any, timeout: float, services: dict[str, Service]) -> list[EventMsg]:
+    reader = EventReader(client, start="start", block_ms=200)
     events: list[EventMsg] = []
 
     def done() -> bool:

@@ -26,7 +26,7 @@ from shared.schema import (
     encode_track,
     event_id,
 )
-from shared.streams import CONNECTION_ERRORS, Entry
+from shared.streams import CONNECTION_ERRORS, Entry, LivePublisher
 from shared.tracking import CameraTracker, Detection
 from shared.worker import Stopper, StreamWorker
 
@@ -72,6 +72,7 @@ class ClassifyWorker(StreamWorker):
         self._trackers: dict[str, CameraTracker] = {}
         self._track_base = 0
         self._last_expiry = 0.0
+        self.live = LivePublisher(r)
 
     @staticmethod
     def _version() -> str:
@@ -125,6 +126,7 @@ class ClassifyWorker(StreamWorker):
             pipe = self.r.pipeline(transaction=False)
             self._queue_tracks(pipe, ended)
             pipe.execute()
+            self.live.flush()
 
     def _due(self) -> bool:
         return bool(self._waiting) and (time.monotonic() - self._waiting[0].since) * 1000 >= self.cfg.max_wait_ms
@@ -177,13 +179,14 @@ class ClassifyWorker(StreamWorker):
             pipe = self.r.pipeline(transaction=False)
             self._queue_tracks(pipe, ended)
             pipe.execute()
+            self.live.flush()
 
     def _queue_tracks(self, pipe: Any, track_events: list[TrackEventMsg]) -> None:
         for te in track_events:
             payload = encode_track(te)
             pipe.xadd(self.keys.tracks, {FIELD: payload}, maxlen=self.cfg.events_maxlen, approximate=True)
             if self.cfg.publish_live:
-                pipe.publish(self.keys.tracks_channel, payload)
+                self.live.queue(pipe, self.keys.tracks_channel, payload)
             self.metrics.track_events.labels(camera=te.camera, kind=te.kind).inc()
 
     def _publish(self, waiting: list[Waiting], probs: np.ndarray) -> None:
@@ -205,8 +208,9 @@ class ClassifyWorker(StreamWorker):
             payload = encode_event(ev)
             pipe.xadd(self.keys.events, {FIELD: payload}, maxlen=self.cfg.events_maxlen, approximate=True)
             if self.cfg.publish_live:
-                pipe.publish(self.keys.events_channel, payload)
+                self.live.queue(pipe, self.keys.events_channel, payload)
         pipe.execute()
+        self.live.flush()
         for ev in events:
             self.metrics.events.labels(camera=ev.camera, emotion=ev.label).inc()
             self.metrics.end_to_end.labels(camera=ev.camera).observe(max(0.0, ev.publish_ts - ev.capture_ts))
