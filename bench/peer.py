@@ -8,7 +8,9 @@ with four faces. Both systems get the decoded BGR frame and return boxes and emo
 
 - fer: ``FER(mtcnn=False)`` (OpenCV's frontal-face Haar cascade, minimum face 50 px, then its
   bundled quantised TFLite emotion model, one face per interpreter call), ``detect_emotions``;
-- ours: shared.detection (Haar cascade, default settings, plus each --downscale-widths value)
+- ours: shared.detection (Haar cascade, default settings, plus each --downscale-widths value,
+  plus following known faces between keyframes, ``--follow``: the detect service's
+  ``detector.keyframe_interval``; both frame sets are consecutive video frames)
   and shared.classifier with LiteRT (all faces of a frame in one batch).
 
 Both run single-process and in-process (no Redis, no JPEG), timed per frame in interleaved
@@ -43,7 +45,7 @@ import cv2
 import numpy as np
 
 from shared.classifier import DEFAULT_FLIP_TTA, load_classifier
-from shared.detection import DetectorSettings, HaarDetector, detect_and_crop
+from shared.detection import Detector, DetectorSettings, FollowingDetector, HaarDetector, detect_and_crop
 from shared.imaging import UInt8Array
 from shared.model_bundle import DEFAULT_BUNDLE
 from shared.schema import Box
@@ -60,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--downscale-widths", type=int, nargs="+", default=[0, 320],
                    help="our detector.downscale_width values (0 = full frame, the default)")
+    p.add_argument("--follow", type=int, nargs="*", default=[5], metavar="N",
+                   help="also run ours at the smallest non-zero --downscale-widths value, following known faces between "
+                        "keyframes every N frames (detector.keyframe_interval; the frame sets are videos)")
     p.add_argument("--model", type=Path, default=DEFAULT_BUNDLE, help="our model bundle folder")
     p.add_argument("--threads", type=int, default=1, help="our LiteRT threads (the classify service's default)")
     p.add_argument("--opencv-threads", type=int, default=1, help="cv2.setNumThreads for both; 0 = OpenCV's default")
@@ -124,10 +129,13 @@ def make_fer() -> tuple[Process, dict[str, Any]]:
                                  "min face 50 px; quantised TFLite model, one face per call"}
 
 
-def make_ours(args: argparse.Namespace, downscale_width: int) -> tuple[Process, dict[str, Any]]:
+def make_ours(args: argparse.Namespace, downscale_width: int,
+              keyframe_interval: int = 0) -> tuple[Process, dict[str, Any]]:
     t0 = time.perf_counter()
-    cfg = DetectorSettings(downscale_width=downscale_width)
-    detector = HaarDetector(cfg)
+    cfg = DetectorSettings(downscale_width=downscale_width, keyframe_interval=keyframe_interval)
+    detector: Detector = HaarDetector(cfg)
+    if keyframe_interval:
+        detector = FollowingDetector(detector, cfg)
     clf = load_classifier(args.model, "litert", args.threads, flip_tta=DEFAULT_FLIP_TTA)
     load_s = time.perf_counter() - t0
 
@@ -142,7 +150,8 @@ def make_ours(args: argparse.Namespace, downscale_width: int) -> tuple[Process, 
                      "import_and_load_s": load_s,
                      "settings": f"Haar frontal-face cascade, scale {cfg.scale_factor}, min_neighbors "
                                  f"{cfg.min_neighbors}, min face {cfg.min_size} px, downscale_width "
-                                 f"{cfg.downscale_width}; all faces of a frame in one batch"}
+                                 f"{cfg.downscale_width}, keyframe_interval {cfg.keyframe_interval}; all faces of "
+                                 "a frame in one batch"}
 
 
 def compare(frames: list[UInt8Array], truths: list[list[Box]], systems: dict[str, Process],
@@ -174,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     for width in sorted(set(args.downscale_widths)):
         name = "ours" if width == 0 else f"ours downscale {width}"
         systems[name], infos[name] = make_ours(args, width)
+    for every in args.follow:
+        width = min((w for w in args.downscale_widths if w), default=0)
+        name = f"ours downscale {width} + follow (keyframe {every})"
+        systems[name], infos[name] = make_ours(args, width, every)
     one = benchlib.sample_frames(args.frames, args.width, args.height)
     one_truth = [[benchlib.sample_face_box(f)] for f in one]
     four, four_truth = benchlib.four_face_frames(args.frames, args.width, args.height)

@@ -70,6 +70,26 @@ class HaarDetector:
                                                minNeighbors=self.cfg.min_neighbors, minSize=(min_side, min_side))
         return [_scaled_box(tuple(int(v) for v in f), 1.0 / scale) for f in found]
 
+    def detect_near(self, gray: UInt8Array, side: int) -> list[Box]:
+        """Faces of about ``side`` pixels (0.75x to 1.35x) in a region around a known face.
+
+        The region is shrunk so that such a face is ~``FOLLOW_SIDE`` pixels and only those
+        scales are searched: a handful of pyramid levels of a small image instead of all of them.
+        """
+        scale = min(1.0, FOLLOW_SIDE / max(side, 1))
+        small = gray if scale == 1.0 else cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        lo = max(HAAR_WINDOW, int(side * scale * 0.75))
+        hi = max(lo + 1, int(side * scale * 1.35) + 1)
+        found = self._cascade.detectMultiScale(small, scaleFactor=self.cfg.scale_factor,
+                                               minNeighbors=self.cfg.min_neighbors, minSize=(lo, lo),
+                                               maxSize=(hi, hi))
+        return [_scaled_box(tuple(int(v) for v in f), 1.0 / scale) for f in found]
+
+
+# The frontal-face cascade's window is 24 px; a followed face is searched at about twice that.
+HAAR_WINDOW = 24
+FOLLOW_SIDE = 48
+
 
 class DnnDetector:
     """OpenCV DNN SSD-style face detector ((1,1,N,7) output, normalised boxes)."""
@@ -146,7 +166,9 @@ class FollowingDetector:
             pad = int(max(box.w, box.h) * self.cfg.roi_expand)
             x0, y0 = max(0, box.x - pad), max(0, box.y - pad)
             x1, y1 = min(w, box.x + box.w + pad), min(h, box.y + box.h + pad)
-            hits = self.base.detect(np.ascontiguousarray(gray[y0:y1, x0:x1]))
+            roi = np.ascontiguousarray(gray[y0:y1, x0:x1])
+            near = getattr(self.base, "detect_near", None)
+            hits = near(roi, max(box.w, box.h)) if near is not None else self.base.detect(roi)
             if hits:
                 best = max(hits, key=lambda b: b.w * b.h)
                 moved = Box(best.x + x0, best.y + y0, best.w, best.h)
