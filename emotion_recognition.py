@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model bundle folder (default: %(default)s)")
     p.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=DEFAULT_FLIP_TTA,
                    help="average each face with its mirror image, as the classify service does by default")
-    p.add_argument("--runtime", choices=("auto", "litert", "tensorflow"), default="auto",
+    p.add_argument("--runtime", choices=("auto", "litert", "litert-int8", "tensorflow"), default="auto",
                    help="inference runtime; auto prefers LiteRT (default: %(default)s)")
     p.add_argument("--every", type=positive_int, default=1, metavar="N",
                    help="video: classify every Nth frame (default: 1)")

@@ -63,8 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--downscale-widths", type=int, nargs="+", default=[0, 320],
                    help="our detector.downscale_width values (0 = full frame, the default)")
     p.add_argument("--follow", type=int, nargs="*", default=[5], metavar="N",
-                   help="also run ours at the smallest non-zero --downscale-widths value, following known faces between "
-                        "keyframes every N frames (detector.keyframe_interval; the frame sets are videos)")
+                   help="also run ours at the smallest non-zero --downscale-widths value, following known faces "
+                        "between keyframes every N frames (detector.keyframe_interval; the frame sets are videos)")
     p.add_argument("--model", type=Path, default=DEFAULT_BUNDLE, help="our model bundle folder")
     p.add_argument("--threads", type=int, default=1, help="our LiteRT threads (the classify service's default)")
     p.add_argument("--opencv-threads", type=int, default=1, help="cv2.setNumThreads for both; 0 = OpenCV's default")

@@ -17,14 +17,23 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.imaging import resize_faces
-from shared.model_bundle import DEFAULT_BUNDLE, KERAS_FILE, TFLITE_FILE, BundleError, BundleMeta, read_meta
+from shared.model_bundle import (
+    DEFAULT_BUNDLE,
+    KERAS_FILE,
+    TFLITE_FILE,
+    TFLITE_INT8_FILE,
+    BundleError,
+    BundleMeta,
+    read_meta,
+)
 
 log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # Averaging each face with its mirror image: chosen by measurement on PublicTest (see the model card).
 DEFAULT_FLIP_TTA = True
-Runtime = Literal["auto", "litert", "tensorflow"]
+Runtime = Literal["auto", "litert", "litert-int8", "tensorflow"]
+RUNTIMES: tuple[Runtime, ...] = ("auto", "litert", "litert-int8", "tensorflow")
 FloatArray = npt.NDArray[np.float32]
 
 
@@ -96,13 +105,16 @@ class _BucketedClassifier:
 class LiteRTClassifier(_BucketedClassifier):
     runtime = "litert"
 
-    def __init__(self, bundle: Path, meta: BundleMeta, threads: int) -> None:
+    def __init__(self, bundle: Path, meta: BundleMeta, threads: int, int8: bool = False) -> None:
         super().__init__(meta)
         from ai_edge_litert.interpreter import Interpreter
 
-        path = Path(bundle) / TFLITE_FILE
+        name = TFLITE_INT8_FILE if int8 else TFLITE_FILE
+        self.runtime = "litert-int8" if int8 else "litert"
+        path = Path(bundle) / name
         if not path.exists():
-            raise BundleError(f"model bundle {bundle}: {TFLITE_FILE} not found")
+            hint = " (python -m services.classify.export BUNDLE --int8 writes it)" if int8 else ""
+            raise BundleError(f"model bundle {bundle}: {name} not found{hint}")
         self._model = path.read_bytes()
         self._threads = threads
         self._interp_cls = Interpreter
@@ -182,8 +194,8 @@ def load_classifier(bundle: Path | None = None, runtime: Runtime = "auto", threa
     if runtime == "auto":
         chosen = "litert" if litert_available() and (bundle / TFLITE_FILE).exists() else "tensorflow"
     clf: _BucketedClassifier
-    if chosen == "litert":
-        clf = LiteRTClassifier(bundle, meta, threads or 1)
+    if chosen in ("litert", "litert-int8"):
+        clf = LiteRTClassifier(bundle, meta, threads or 1, int8=chosen == "litert-int8")
     else:
         clf = TensorFlowClassifier(bundle, meta, threads)
     clf.flip_tta = flip_tta

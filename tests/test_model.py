@@ -17,7 +17,7 @@ import pytest
 
 from services.classify.datasets import default_fer_dir
 from shared.classifier import load_classifier
-from shared.model_bundle import DEFAULT_BUNDLE, FER2013_CLASSES, META_FILE
+from shared.model_bundle import DEFAULT_BUNDLE, FER2013_CLASSES, META_FILE, TFLITE_INT8_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 FER_DIR = default_fer_dir()
@@ -134,6 +134,11 @@ def test_short_training_run_beats_chance(tmp_path: Path) -> None:
     accuracy = _accuracy(val_labels, load_classifier(bundle, "litert").predict(images[::6]))
     majority = np.bincount(val_labels).max() / len(val_labels)
     assert accuracy > SHORT_RUN_FLOOR > majority, f"accuracy {accuracy:.4f}, majority class {majority:.4f}"
+    # The training command also writes the int8 model, calibrated on training faces.
+    int8 = load_classifier(bundle, "litert-int8")
+    assert int8.runtime == "litert-int8"
+    int8_accuracy = _accuracy(val_labels, int8.predict(images[::6]))
+    assert int8_accuracy > SHORT_RUN_FLOOR, f"int8 accuracy {int8_accuracy:.4f}"
 
 
 # --- evaluation command -------------------------------------------------------------------
@@ -259,6 +264,18 @@ def test_shipped_model_accuracy_floor_on_publictest_sample() -> None:
     probs = load_classifier(DEFAULT_BUNDLE).predict(sample)
     accuracy = _accuracy(truth, probs)
     assert accuracy >= SHIPPED_FLOOR, f"PublicTest[::4] accuracy {accuracy:.4f} < {SHIPPED_FLOOR}"
+
+
+@pytest.mark.skipif(not (DEFAULT_BUNDLE / TFLITE_INT8_FILE).exists(), reason="shipped int8 model not exported")
+def test_shipped_int8_model_stays_close_to_the_float_model() -> None:
+    images, labels = _publictest()
+    sample, truth = images[::4], labels[::4]
+    float_probs = load_classifier(DEFAULT_BUNDLE, "litert").predict(sample)
+    int8_probs = load_classifier(DEFAULT_BUNDLE, "litert-int8").predict(sample)
+    agree = float(np.mean(np.argmax(float_probs, 1) == np.argmax(int8_probs, 1)))
+    assert agree >= 0.9, f"int8 and float agree on only {agree:.3f} of PublicTest[::4]"
+    assert _accuracy(truth, int8_probs) >= SHIPPED_FLOOR
+    assert np.max(np.abs(int8_probs - float_probs)) < 0.5  # quantisation noise, not another model
 
 
 def test_flip_tta_averages_each_face_with_its_mirror(dev_or_shipped_bundle: Path) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.classify.datasets import DatasetError, FaceSet, load_npz
-from shared.classifier import Classifier, load_classifier
+from shared.classifier import RUNTIMES, Classifier, load_classifier
 from shared.model_bundle import DEFAULT_BUNDLE, BundleError, BundleMeta, read_meta
 
 EXIT_USAGE = 2
@@ -54,7 +54,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("npz", nargs="+", type=Path, help=".npz files with 'images' and 'labels'")
     p.add_argument("--model", type=Path, default=DEFAULT_BUNDLE, help="model bundle folder")
-    p.add_argument("--runtime", choices=["auto", "litert", "tensorflow"], default="auto")
+    p.add_argument("--runtime", choices=list(RUNTIMES), default="auto")
     p.add_argument("--threads", type=int, default=0, help="inference threads (0 = runtime default)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--flip-tta", action="store_true",

@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from services.classify.datasets import FaceSet, default_fer_dir, load_any
-from services.classify.export import write_bundle
+from services.classify.export import CALIBRATION_FACES, write_bundle
 from services.classify.model import ArchConfig, build_model, count_macs
 from shared.model_bundle import KERAS_FILE, read_meta
 
@@ -225,7 +225,8 @@ def train(args: argparse.Namespace) -> Path:
               "params": int(best.count_params()), "macs": count_macs(best)}
     bundle = args.out / "bundle"
     version = args.version or f"mini-xception-w{args.width}-{time.strftime('%Y%m%d')}"
-    write_bundle(best, bundle, train_set.classes, version, record)
+    calibration = train_set.images[np.random.default_rng(0).permutation(len(train_set.labels))[:CALIBRATION_FACES]]
+    write_bundle(best, bundle, train_set.classes, version, record, calibration=calibration)
     print(f"bundle written to {bundle}", flush=True)
     return bundle
 
