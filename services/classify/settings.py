@@ -22,6 +22,9 @@ class ClassifyOptions(Section):
     threads: int = Field(1, ge=0, le=64, description="inference threads (0 = runtime default)")
     max_batch: int = Field(64, ge=1, le=1024, description="run the model once this many faces wait")
     max_wait_ms: int = Field(20, ge=0, le=10_000, description="... or once the oldest waiting face is this old")
+    eager: bool = Field(True, description="run the model as soon as the faces stream has nothing more queued "
+                                          "(batches then grow only under load); false: wait for max_batch or "
+                                          "max_wait_ms")
     events_maxlen: int = Field(100_000, ge=100, description="approximate cap of the events stream")
     publish_live: bool = Field(True, description="also PUBLISH each event on the live pub/sub channel")
 
