@@ -75,3 +75,18 @@ def test_following_detector_searches_around_known_faces_between_keyframes() -> N
     before = follower.keyframes
     assert follower.detect(np.full_like(frames[0], 90), "cam") == []  # face gone: a keyframe finds nothing
     assert follower.keyframes == before + 1
+
+
+def test_haar_detect_near_searches_only_around_the_known_face_size() -> None:
+    from shared.imaging import to_gray
+    from shared.sample import render_frames
+
+    frame = to_gray(render_frames(1)[0])
+    haar = HaarDetector(DetectorSettings())
+    face = next(b for b in haar.detect(frame) if abs(b.y - 106) < 15)
+    pad = face.w // 2
+    roi = np.ascontiguousarray(frame[face.y - pad:face.y + face.h + pad, face.x - pad:face.x + face.w + pad])
+    near = haar.detect_near(roi, face.w)
+    assert len(near) == 1
+    assert abs(near[0].x - pad) <= 0.15 * face.w and abs(near[0].w - face.w) <= 0.25 * face.w, (near, face)
+    assert haar.detect_near(roi, face.w * 3) == []  # faces of another size are not looked for
