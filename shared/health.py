@@ -40,6 +40,13 @@ class CommonMetrics:
                                ["camera", "stage", "reason"], registry=registry)
         self.heartbeat = Gauge("es_heartbeat_timestamp_seconds", "Last loop iteration (unix time)",
                                registry=registry)
+        # Sampled by the stream readers every few seconds; replicas report the same values, so
+        # dashboards take max by (stream, group).
+        self.stream_length = Gauge("es_stream_length", "Entries in a stream (XLEN)", ["stream"], registry=registry)
+        self.group_pending = Gauge("es_stream_pending", "Entries delivered to a consumer group and not acked yet",
+                                   ["stream", "group"], registry=registry)
+        self.group_lag = Gauge("es_stream_lag", "Entries not yet delivered to a consumer group",
+                               ["stream", "group"], registry=registry)
 
 
     def drop(self, camera: str, reason: str, n: int = 1) -> None:

@@ -168,6 +168,39 @@ def ensure_group(r: redis.Redis, stream: str, group: str) -> None:
             raise
 
 
+@dataclass(frozen=True)
+class GroupStats:
+    length: int
+    pending: int
+    lag: int
+
+
+def group_stats(r: redis.Redis, stream: str, group: str, cap: int = 10_000) -> GroupStats | None:
+    """Length of ``stream`` and the pending count and lag of ``group`` (None without the group).
+
+    The lag is Redis' own where it can tell (Redis >= 7); otherwise the entries after the last
+    delivered one are counted, up to ``cap``.
+    """
+    pipe = r.pipeline(transaction=False)
+    pipe.xlen(stream)
+    pipe.xinfo_groups(stream)
+    try:
+        length, groups = pipe.execute()
+    except redis.ResponseError:
+        return None
+    for g in groups:
+        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+        if name != group:
+            continue
+        lag = g.get("lag")
+        if lag is None:
+            last = g["last-delivered-id"]
+            last = last.decode() if isinstance(last, bytes) else str(last)
+            lag = len(r.xrange(stream, min=f"({last}", max="+", count=cap) or [])
+        return GroupStats(int(length), int(g["pending"]), int(lag))
+    return None
+
+
 def is_nogroup(exc: Exception) -> bool:
     return isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc)
 

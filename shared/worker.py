@@ -33,12 +33,15 @@ from shared.streams import (
     default_consumer_name,
     delivery_counts,
     ensure_group,
+    group_stats,
     is_cluster,
     is_nogroup,
     parse_read,
 )
 
 log = logging.getLogger(__name__)
+
+STATS_EVERY_S = 2.0
 
 # On a cluster, streams on several slots cannot share one blocking read: an idle worker
 # polls them with blocking reads this short, one slot at a time.
@@ -122,6 +125,7 @@ class StreamWorker(ABC):
         self.backoff = Backoff(settings.redis.backoff_initial_s, settings.redis.backoff_max_s)
         self._groups: set[str] = set()
         self._last_claim = 0.0
+        self._last_stats = 0.0
         self._clustered = is_cluster(r)
         self._turn = 0
 
@@ -169,6 +173,7 @@ class StreamWorker(ABC):
         streams = self.streams()
         self._ensure_groups(streams)
         self._maybe_claim(streams)
+        self._maybe_sample(streams)
         if not streams:
             self.stopper.wait(self.settings.streams.block_ms / 1000)
             self.idle()
@@ -239,6 +244,19 @@ class StreamWorker(ABC):
                 log.info("reclaimed %d idle entries from %s", len(claimed), stream)
                 self.common.reclaimed.labels(stream=stream).inc(len(claimed))
                 self.handle(self._drop_poison(stream, claimed))
+
+    def _maybe_sample(self, streams: list[str]) -> None:
+        now = time.monotonic()
+        if now - self._last_stats < STATS_EVERY_S:
+            return
+        self._last_stats = now
+        for stream in streams:
+            stats = group_stats(self.r, stream, self.group)
+            if stats is None:
+                continue
+            self.common.stream_length.labels(stream=stream).set(stats.length)
+            self.common.group_pending.labels(stream=stream, group=self.group).set(stats.pending)
+            self.common.group_lag.labels(stream=stream, group=self.group).set(stats.lag)
 
     def _drop_poison(self, stream: str, entries: list[Entry]) -> list[Entry]:
         """Entries delivered more than ``max_deliveries`` times go to the dead-letter stream."""

@@ -51,3 +51,23 @@ def test_eager_batch_runs_when_the_queue_is_empty(redis_server: RedisServer, mod
         assert events == [] and len(w._waiting) == 3  # held for max_wait_ms / max_batch
         w.flush()
         assert len(EventReader(redis_server.client(), start="start", block_ms=10).poll()) == 3
+
+
+def test_stream_gauges_report_length_lag_and_pending(redis_server: RedisServer, model_bundle: Path) -> None:
+    w = worker(redis_server, model_bundle, eager=False)
+    stream = Keys().faces
+    queue_faces(redis_server, 3)
+    w.step()  # samples first (nothing delivered yet), then reads all three and holds them
+
+    def value(name: str, **labels: str) -> float | None:
+        return w.common.registry.get_sample_value(name, {"stream": stream, **labels})
+
+    assert value("es_stream_length") == 3
+    assert value("es_stream_lag", group="classify") == 3 and value("es_stream_pending", group="classify") == 0
+    w._last_stats = 0.0
+    w._maybe_sample([stream])
+    assert value("es_stream_lag", group="classify") == 0 and value("es_stream_pending", group="classify") == 3
+    w.flush()  # events published and acked
+    w._last_stats = 0.0
+    w._maybe_sample([stream])
+    assert value("es_stream_pending", group="classify") == 0
