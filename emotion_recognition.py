@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from pydantic import ValidationError
 
-from shared.classifier import DEFAULT_FLIP_TTA, Classifier, Runtime, load_classifier
+from shared.classifier import DEFAULT_FLIP_TTA, DEFAULT_ZOOM_TTA, Classifier, Runtime, load_classifier
 from shared.detection import Detector, DetectorSettings, detect_and_crop, make_detector
 from shared.imaging import UInt8Array
 from shared.model_bundle import DEFAULT_BUNDLE, BundleError
@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model bundle folder (default: %(default)s)")
     p.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=DEFAULT_FLIP_TTA,
                    help="average each face with its mirror image, as the classify service does by default")
+    p.add_argument("--zoom-tta", action=argparse.BooleanOptionalAction, default=True,
+                   help="also average views zoomed by " + ", ".join(map(str, DEFAULT_ZOOM_TTA))
+                        + ", as the classify service does by default")
     p.add_argument("--runtime", choices=("auto", "litert", "litert-int8", "tensorflow"), default="auto",
                    help="inference runtime; auto prefers LiteRT (default: %(default)s)")
     p.add_argument("--every", type=positive_int, default=1, metavar="N",
@@ -186,10 +189,12 @@ def check_output(output: Path, source: Path, video: bool) -> None:
         raise CliError(f"{output}: no image format for extension '{output.suffix}'")
 
 
-def open_classifier(bundle: Path, runtime: Runtime, flip_tta: bool = DEFAULT_FLIP_TTA) -> Classifier:
+def open_classifier(bundle: Path, runtime: Runtime, flip_tta: bool = DEFAULT_FLIP_TTA,
+                    zoom_tta: bool = True) -> Classifier:
     try:
         # warming every batch bucket pays off in a long-running service, not for one file
-        clf = load_classifier(bundle, runtime, warm=False, flip_tta=flip_tta)
+        clf = load_classifier(bundle, runtime, warm=False, flip_tta=flip_tta,
+                              zoom_tta=DEFAULT_ZOOM_TTA if zoom_tta else ())
     except BundleError as exc:
         raise CliError(f"{exc} (choose a bundle with --model)") from exc
     except (ImportError, OSError, ValueError, RuntimeError) as exc:
@@ -288,7 +293,7 @@ def run(args: argparse.Namespace, settings: DetectorSettings) -> int:
     try:
         if args.output is not None:
             check_output(args.output, args.input, isinstance(source, Video))
-        classifier = open_classifier(args.model, args.runtime, args.flip_tta)
+        classifier = open_classifier(args.model, args.runtime, args.flip_tta, args.zoom_tta)
         pipeline = Pipeline(make_detector(settings), classifier, settings.margin)
         reporter = Reporter(source=str(args.input), as_json=args.json, model_version=classifier.meta.version)
         if isinstance(source, Video):

@@ -44,7 +44,7 @@ import benchlib
 import cv2
 import numpy as np
 
-from shared.classifier import DEFAULT_FLIP_TTA, load_classifier
+from shared.classifier import DEFAULT_FLIP_TTA, DEFAULT_ZOOM_TTA, load_classifier
 from shared.detection import Detector, DetectorSettings, FollowingDetector, HaarDetector, detect_and_crop
 from shared.imaging import UInt8Array
 from shared.model_bundle import DEFAULT_BUNDLE
@@ -136,7 +136,7 @@ def make_ours(args: argparse.Namespace, downscale_width: int,
     detector: Detector = HaarDetector(cfg)
     if keyframe_interval:
         detector = FollowingDetector(detector, cfg)
-    clf = load_classifier(args.model, "litert", args.threads, flip_tta=DEFAULT_FLIP_TTA)
+    clf = load_classifier(args.model, "litert", args.threads, flip_tta=DEFAULT_FLIP_TTA, zoom_tta=DEFAULT_ZOOM_TTA)
     load_s = time.perf_counter() - t0
 
     def process(frame: UInt8Array) -> tuple[list[Box], list[str]]:

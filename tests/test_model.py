@@ -286,6 +286,24 @@ def test_flip_tta_averages_each_face_with_its_mirror(dev_or_shipped_bundle: Path
     np.testing.assert_allclose(tta.predict(crops), expected, atol=1e-6)
 
 
+def test_zoom_tta_averages_the_zoomed_views_and_their_mirrors(dev_or_shipped_bundle: Path) -> None:
+    from shared.classifier import zoom_faces
+
+    plain = load_classifier(dev_or_shipped_bundle, "litert")
+    tta = load_classifier(dev_or_shipped_bundle, "litert", flip_tta=True, zoom_tta=(0.9, 1.1))
+    from shared.imaging import resize_faces
+
+    faces, _ = _faces(40, seed=3)
+    crops = np.ascontiguousarray(resize_faces(faces, 64))  # the classifier zooms at its input size
+    views = [crops, zoom_faces(crops, 0.9), zoom_faces(crops, 1.1)]
+    views += [np.ascontiguousarray(v[:, :, ::-1]) for v in views]
+    expected = np.mean([plain.predict(v) for v in views], axis=0)
+    np.testing.assert_allclose(tta.predict(crops), expected, atol=1e-5)
+    zoomed = zoom_faces(crops, 1.1)
+    assert zoomed.shape == crops.shape and not np.array_equal(zoomed, crops)
+    np.testing.assert_array_equal(zoom_faces(crops, 1.0), crops)
+
+
 @pytest.mark.slow
 def test_fine_tune_from_the_shipped_weights_to_new_classes(tmp_path: Path) -> None:
     """A folder per class with names of its own: the bundle gets those classes and a new head."""

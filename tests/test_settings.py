@@ -103,3 +103,11 @@ def test_mask_url_hides_only_the_password() -> None:
     assert mask_url("rtsp://admin:pw@10.0.0.5:554/live") == "rtsp://admin:***@10.0.0.5:554/live"
     assert mask_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert mask_url("/videos/a.mp4") == "/videos/a.mp4"
+
+
+def test_zoom_tta_factor_out_of_range_names_the_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "classify: {zoom_tta: [0.9, 3.0]}\n")
+    result = subprocess.run([sys.executable, "-m", "services.classify", "--config", str(path), "--check-config"],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 1
+    assert "classify.zoom_tta" in result.stderr and "3.0" in result.stderr, result.stderr

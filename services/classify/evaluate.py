@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.classify.datasets import DatasetError, FaceSet, load_npz
-from shared.classifier import RUNTIMES, Classifier, load_classifier
+from shared.classifier import DEFAULT_ZOOM_TTA, RUNTIMES, Classifier, load_classifier
 from shared.model_bundle import DEFAULT_BUNDLE, BundleError, BundleMeta, read_meta
 
 EXIT_USAGE = 2
@@ -59,6 +59,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--flip-tta", action="store_true",
                    help="also score the mean of each face's and its mirror image's probabilities")
+    p.add_argument("--zoom-tta", action="store_true",
+                   help="with --flip-tta: the second score also averages views zoomed by "
+                        + ", ".join(map(str, DEFAULT_ZOOM_TTA)) + " (as the classify service serves)")
     p.add_argument("--confusion-png", type=Path, default=None,
                    help="write the confusion matrix as an image (one per file: the file's stem is appended "
                         "when several are given)")
@@ -96,13 +99,16 @@ def predict_proba(clf: Classifier, images: npt.NDArray[np.uint8], batch_size: in
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 
-def predict_set(clf: Classifier, path: Path, faces: FaceSet, batch_size: int, flip_tta: bool) -> Predictions:
+def predict_set(clf: Classifier, path: Path, faces: FaceSet, batch_size: int, flip_tta: bool,
+                zoom_tta: tuple[float, ...] = ()) -> Predictions:
     probs = predict_proba(clf, faces.images, batch_size)
     flipped = None
     if flip_tta:
-        mirrored = np.ascontiguousarray(faces.images[:, :, ::-1])
-        averaged = (probs + predict_proba(clf, mirrored, batch_size)) / 2.0
-        flipped = averaged.argmax(axis=1).astype(np.int64)
+        clf.flip_tta, clf.zoom_tta = True, zoom_tta
+        try:
+            flipped = predict_proba(clf, faces.images, batch_size).argmax(axis=1).astype(np.int64)
+        finally:
+            clf.flip_tta, clf.zoom_tta = False, ()
     return Predictions(path, faces.labels, probs.argmax(axis=1).astype(np.int64), flipped)
 
 
@@ -129,16 +135,17 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def format_scores(title: str, plain: Scores, flipped: Scores | None, classes: Sequence[str]) -> str:
+def format_scores(title: str, plain: Scores, flipped: Scores | None, classes: Sequence[str],
+                  tta: str = "flip TTA") -> str:
     width = max(len(c) for c in classes) + 2
     lines = [f"{title}: {plain.n} faces, accuracy {plain.accuracy:.4f}"
-             + (f", with flip TTA {flipped.accuracy:.4f}" if flipped else "")]
-    lines.append(f"  {'class':<{width}}{'n':>6}  {'recall':>8}" + (f"  {'flip TTA':>8}" if flipped else ""))
+             + (f", with {tta} {flipped.accuracy:.4f}" if flipped else "")]
+    lines.append(f"  {'class':<{width}}{'n':>6}  {'recall':>8}" + (f"  {tta:>13}" if flipped else ""))
     support = plain.confusion.sum(axis=1)
     for i, name in enumerate(classes):
         row = f"  {name:<{width}}{support[i]:>6}  {_fmt(plain.per_class_recall[name]):>8}"
         if flipped:
-            row += f"  {_fmt(flipped.per_class_recall[name]):>8}"
+            row += f"  {_fmt(flipped.per_class_recall[name]):>13}"
         lines.append(row)
     lines.append("  confusion (rows = true, columns = predicted):")
     lines.append("  " + " " * width + "".join(f"{c[:8]:>9}" for c in classes))
@@ -195,17 +202,18 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     meta = read_meta(args.model)
     sets = load_sets(args.npz, meta)
     clf = load_classifier(args.model, args.runtime, args.threads)
-    preds = [predict_set(clf, path, faces, args.batch_size, args.flip_tta) for path, faces in zip(args.npz, sets,
-                                                                                                   strict=True)]
+    zoom = DEFAULT_ZOOM_TTA if args.zoom_tta else ()
+    preds = [predict_set(clf, path, faces, args.batch_size, args.flip_tta, zoom)
+             for path, faces in zip(args.npz, sets, strict=True)]
     files = [_report_file(p, meta.classes, args) for p in preds]
     combined = _combine(preds)
-    summary = _report(f"all {len(preds)} files", combined, meta.classes) if len(preds) > 1 else files[0]
+    summary = _report(f"all {len(preds)} files", combined, meta.classes, args) if len(preds) > 1 else files[0]
     return {"model_version": meta.version, "runtime": clf.runtime, "model": str(args.model),
             "classes": list(meta.classes), **summary, "files": files}
 
 
 def _report_file(pred: Predictions, classes: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
-    result = {"path": str(pred.path), **_report(pred.path.name, pred, classes)}
+    result = {"path": str(pred.path), **_report(pred.path.name, pred, classes, args)}
     if args.confusion_png is not None:
         target = png_path(args.confusion_png, pred.path, several=len(args.npz) > 1)
         title = f"{pred.path.name}: accuracy {result['accuracy']:.4f} ({result['n']} faces)"
@@ -214,14 +222,16 @@ def _report_file(pred: Predictions, classes: Sequence[str], args: argparse.Names
     return result
 
 
-def _report(title: str, pred: Predictions, classes: Sequence[str]) -> dict[str, Any]:
+def _report(title: str, pred: Predictions, classes: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
     """Print the human-readable figures and return the JSON ones."""
     plain = score(pred.labels, pred.plain, classes)
     flipped = score(pred.labels, pred.flipped, classes) if pred.flipped is not None else None
-    print(format_scores(title, plain, flipped, classes), flush=True)
+    tta = "flip+zoom TTA" if args.zoom_tta else "flip TTA"
+    print(format_scores(title, plain, flipped, classes, tta), flush=True)
     result = scores_json(plain)
     if flipped is not None:
-        result["flip_tta"] = {"accuracy": flipped.accuracy, "per_class_recall": flipped.per_class_recall}
+        key = "flip_zoom_tta" if args.zoom_tta else "flip_tta"
+        result[key] = {"accuracy": flipped.accuracy, "per_class_recall": flipped.per_class_recall}
     return result
 
 
