@@ -1,7 +1,7 @@
 """Per-stage costs of the pipeline, in one process, on the same 640x480 frames the services see.
 
     python bench/stages.py [--frames 100] [--seconds 2] [--downscale-widths 0 320 480]
-        [--runtimes litert tensorflow] [--json bench/results/stages.json]
+        [--runtimes litert litert-int8 tensorflow] [--json bench/results/stages.json]
 
 Stages, each timed per call (median, mean, p95) for at least --seconds:
 
@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jpeg-quality", type=int, default=80)
     p.add_argument("--downscale-widths", type=int, nargs="+", default=[0, 320, 480],
                    help="detector.downscale_width values to compare (0 = full frame)")
-    p.add_argument("--runtimes", nargs="+", choices=["litert", "tensorflow"], default=["litert", "tensorflow"])
+    p.add_argument("--runtimes", nargs="+", choices=["litert", "litert-int8", "tensorflow"],
+                   default=["litert", "litert-int8", "tensorflow"])
     p.add_argument("--model", type=Path, default=DEFAULT_BUNDLE, help="model bundle folder")
     p.add_argument("--threads", type=int, default=1, help="classifier threads (the classify service's default)")
     p.add_argument("--opencv-threads", type=int, default=1, help="cv2.setNumThreads (the detect default); 0 = all")
