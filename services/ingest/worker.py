@@ -19,7 +19,7 @@ from shared.cameras import CameraRegistry, CameraSettings
 from shared.health import LATENCY_BUCKETS, CommonMetrics, Heartbeat
 from shared.imaging import UInt8Array, to_gray
 from shared.schema import FIELD, FrameMsg, encode_frame
-from shared.streams import CONNECTION_ERRORS, Backoff, Keys, default_consumer_name
+from shared.streams import CONNECTION_ERRORS, Backoff, Keys, default_consumer_name, group_stats
 from shared.worker import ChildStopper, Stopper
 
 log = logging.getLogger(__name__)
@@ -42,25 +42,6 @@ class IngestMetrics(CommonMetrics):
                                ["camera"], registry=registry)
         self.encode = Histogram("es_ingest_encode_seconds", "JPEG encoding time", buckets=LATENCY_BUCKETS,
                                 registry=registry)
-
-
-def stream_lag(r: redis.Redis, stream: str, group: str, cap: int) -> int:
-    """Entries in ``stream`` not yet delivered to ``group``, counted up to ``cap`` (0 without the group)."""
-    try:
-        groups = r.xinfo_groups(stream)
-    except redis.ResponseError:
-        return 0
-    for g in groups:
-        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-        if name != group:
-            continue
-        if g.get("lag") is not None:
-            return int(g["lag"])
-        # Redis < 7, or a lag Redis cannot tell: count what follows the last delivered entry.
-        last = g["last-delivered-id"]
-        last = last.decode() if isinstance(last, bytes) else str(last)
-        return len(r.xrange(stream, min=f"({last}", max="+", count=cap) or [])
-    return 0
 
 
 class SeqAllocator:
@@ -227,7 +208,8 @@ class CameraReader(threading.Thread):
         now = time.monotonic()
         if now - self._lag_checked >= 0.5:
             self._lag_checked = now
-            self._lag = stream_lag(self.r, self.stream, self.opts.detect_group, self.opts.backpressure_lag)
+            stats = group_stats(self.r, self.stream, self.opts.detect_group, self.opts.backpressure_lag)
+            self._lag = stats.lag if stats is not None else 0
         return self._lag >= self.opts.backpressure_lag
 
     def _publish(self, frame: Frame) -> None:
