@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,10 @@ import numpy as np
 from pydantic import ValidationError
 
 from shared.classifier import DEFAULT_FLIP_TTA, DEFAULT_ZOOM_TTA, Classifier, Runtime, load_classifier
-from shared.detection import Detector, DetectorSettings, detect_and_crop, make_detector
-from shared.imaging import UInt8Array
+from shared.detection import CameraDetector, DetectorSettings, crop_faces, make_camera_detector
+from shared.imaging import UInt8Array, to_gray
 from shared.model_bundle import DEFAULT_BUNDLE, BundleError
+from shared.motion import MotionSettings
 from shared.schema import Box
 
 VIDEO_CODECS = {".mp4": "mp4v", ".avi": "MJPG"}
@@ -52,12 +54,13 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Pipeline:
-    detector: Detector
+    detector: CameraDetector  # a video's frames in order, as the detect service sees a camera's
     classifier: Classifier
     margin: float
 
     def run(self, image: UInt8Array, frame: int, time_s: float | None) -> list[Prediction]:
-        faces = detect_and_crop(self.detector, image, self.margin)
+        gray = to_gray(image)
+        faces = crop_faces(gray, self.detector.detect(gray, "input", time_s or 0.0), self.margin)
         if not faces:
             return []
         probs = self.classifier.predict(np.stack([f.crop for f in faces]))
@@ -137,12 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--min-neighbors", type=int, default=None, metavar="N",
                    help="overlapping hits needed to accept a face")
     d.add_argument("--min-size", type=int, default=None, metavar="PX", help="smallest face side in pixels")
+    d.add_argument("--motion", action=argparse.BooleanOptionalAction, default=None,
+                   help="video: search for faces where the picture changes and around faces already found, "
+                        "with whole-frame searches on cuts and every few seconds (the default); "
+                        "--no-motion searches every whole frame")
     return p
 
 
 def detector_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> DetectorSettings:
     # only options given on the command line are passed, so the defaults live in DetectorSettings alone
-    given = {k: getattr(args, k) for k in ("scale_factor", "min_neighbors", "min_size") if getattr(args, k) is not None}
+    given: dict[str, object] = {k: getattr(args, k) for k in ("scale_factor", "min_neighbors", "min_size")
+                                if getattr(args, k) is not None}
+    if args.motion is not None:
+        given["motion"] = MotionSettings(enabled=args.motion)
     try:
         return DetectorSettings(**given)
     except ValidationError as exc:
@@ -263,16 +273,60 @@ def run_image(image: UInt8Array, pipeline: Pipeline, reporter: Reporter, output:
     return 0
 
 
+def show_progress(reporter: Reporter) -> bool:
+    """Progress goes to a terminal only: never into --json output or a log file."""
+    return not reporter.as_json and sys.stderr.isatty()
+
+
+class Progress:
+    """``frames 120/900 (13%), 41.2 frames/s, ETA 0:19`` on stderr, rewritten in place twice a second."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = max(0, total)
+        self.enabled = enabled
+        self.started = time.monotonic()
+        self._shown = self.started  # the first line after half a second: a rate worth reading
+        self._visible = False
+
+    def update(self, frames: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self._shown < 0.5:
+            return
+        self._shown = now
+        rate = frames / max(1e-6, now - self.started)
+        line = f"frames {frames}"
+        if self.total:
+            left = max(0, self.total - frames) / max(rate, 1e-6)
+            line += f"/{self.total} ({100 * frames // self.total}%)"
+            line += f", {rate:.1f} frames/s, ETA {int(left // 60)}:{int(left % 60):02d}"
+        else:
+            line += f", {rate:.1f} frames/s"
+        sys.stderr.write("\r" + line + "\x1b[K")
+        sys.stderr.flush()
+        self._visible = True
+
+    def done(self) -> None:
+        """Erase the line (before other output, and at the end)."""
+        if self._visible:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self._visible = False
+
+
 def run_video(video: Video, pipeline: Pipeline, reporter: Reporter, every: int, output: Path | None) -> int:
     fps = video.cap.get(cv2.CAP_PROP_FPS)
     fps = fps if fps > 0 else FALLBACK_FPS
     writer: cv2.VideoWriter | None = None
     shown: list[Prediction] = []
     processed = found = 0
+    progress = Progress(int(video.cap.get(cv2.CAP_PROP_FRAME_COUNT)), enabled=show_progress(reporter))
     try:
         for index, time_s, frame in read_frames(video, fps):
+            progress.update(index + 1)
             if index % every == 0:
                 shown = pipeline.run(frame, index, time_s)
+                if shown:
+                    progress.done()
                 reporter.report(shown)
                 processed += 1
                 found += len(shown)
@@ -281,6 +335,7 @@ def run_video(video: Video, pipeline: Pipeline, reporter: Reporter, every: int, 
                 # skipped frames keep the latest boxes, so the annotation does not flicker with --every
                 writer.write(annotate(frame, shown))
     finally:
+        progress.done()
         if writer is not None:
             writer.release()  # also on Ctrl-C, so what was written stays playable
     if found == 0:
@@ -294,7 +349,7 @@ def run(args: argparse.Namespace, settings: DetectorSettings) -> int:
         if args.output is not None:
             check_output(args.output, args.input, isinstance(source, Video))
         classifier = open_classifier(args.model, args.runtime, args.flip_tta, args.zoom_tta)
-        pipeline = Pipeline(make_detector(settings), classifier, settings.margin)
+        pipeline = Pipeline(make_camera_detector(settings), classifier, settings.margin)
         reporter = Reporter(source=str(args.input), as_json=args.json, model_version=classifier.meta.version)
         if isinstance(source, Video):
             return run_video(source, pipeline, reporter, args.every, args.output)

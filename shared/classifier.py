@@ -1,5 +1,8 @@
 """Emotion classification: uint8 face crops (N, 64, 64) in, (N, C) probabilities out.
 
+Probabilities are calibrated when the bundle holds a temperature for the views in use (fitted on
+held-out faces, ``model.json``'s ``temperatures``): the views' mean is sharpened or softened by it.
+
 Two runtimes read the same bundle: LiteRT (``model.tflite``; the default, measured faster
 here and free of TensorFlow's import cost) and TensorFlow (``model.keras``). Both pad each
 batch up to a fixed bucket size, so shapes repeat and nothing is retraced or reallocated.
@@ -30,7 +33,9 @@ from shared.model_bundle import (
 
 log = logging.getLogger(__name__)
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# Powers of two and the steps between them: with six test-time views per face, one to four
+# faces make 6, 12, 18 or 24 rows, which powers of two alone would pad by up to 78%.
+BUCKETS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # Averaging each face with its mirror image: chosen by measurement on PublicTest (see the model card).
 DEFAULT_FLIP_TTA = True
 # Also averaging views zoomed in and out by these factors (about the crop's centre): chosen on
@@ -46,11 +51,14 @@ class Classifier(Protocol):
     runtime: str
     flip_tta: bool
     zoom_tta: tuple[float, ...]
+    temperature: float | None
 
     @property
     def classes(self) -> tuple[str, ...]: ...
 
     def predict(self, crops: npt.NDArray[np.uint8]) -> FloatArray: ...
+
+    def predict_views(self, crops: npt.NDArray[np.uint8]) -> FloatArray: ...
 
 
 def zoom_faces(crops: npt.NDArray[np.uint8], factor: float) -> npt.NDArray[np.uint8]:
@@ -60,6 +68,51 @@ def zoom_faces(crops: npt.NDArray[np.uint8], factor: float) -> npt.NDArray[np.ui
     matrix = cv2.getRotationMatrix2D((centre, centre), 0.0, factor)
     return np.stack([cv2.warpAffine(c, matrix, (size, size), flags=cv2.INTER_LINEAR,
                                     borderMode=cv2.BORDER_REPLICATE) for c in crops])
+
+
+def views_key(flip_tta: bool, zoom_tta: tuple[float, ...]) -> str:
+    """Name of a set of test-time views, as calibration temperatures are stored: ``single``,
+    ``flip``, ``zoom0.9,1.1`` or ``flip+zoom0.9,1.1``."""
+    parts = (["flip"] if flip_tta else []) + (["zoom" + ",".join(f"{z:g}" for z in zoom_tta)] if zoom_tta else [])
+    return "+".join(parts) or "single"
+
+
+def apply_temperature(probs: FloatArray, temperature: float) -> FloatArray:
+    """Rescale probabilities as if their logits were divided by ``temperature`` (1 = unchanged)."""
+    if temperature == 1.0:
+        return probs
+    logits = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
+    logits -= logits.max(axis=-1, keepdims=True)
+    scaled = np.exp(logits)
+    return np.asarray(scaled / scaled.sum(axis=-1, keepdims=True), dtype=np.float32)
+
+
+def nll(probs: FloatArray, labels: npt.NDArray[np.int64]) -> float:
+    """Mean negative log-likelihood of the true labels."""
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))))
+
+
+def fit_temperature(probs: FloatArray, labels: npt.NDArray[np.int64], low: float = 0.05, high: float = 20.0) -> float:
+    """The temperature minimising the labels' negative log-likelihood (golden-section search on
+    log T; the NLL is convex in 1/T, hence unimodal in log T)."""
+    a, b = np.log(low), np.log(high)
+    ratio = (np.sqrt(5.0) - 1.0) / 2.0
+
+    def loss(log_t: float) -> float:
+        return nll(apply_temperature(probs, float(np.exp(log_t))), labels)
+
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = loss(c), loss(d)
+    for _ in range(80):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = loss(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = loss(d)
+    return float(np.exp((a + b) / 2.0))
 
 
 def bucket_for(n: int) -> int:
@@ -78,13 +131,33 @@ class _BucketedClassifier:
         self.meta = meta
         self.flip_tta = False
         self.zoom_tta: tuple[float, ...] = ()
+        # None: the bundle's temperature for the views in use (1 when it has none); a number overrides it.
+        self.temperature: float | None = None
         self._lock = threading.Lock()
 
     @property
     def classes(self) -> tuple[str, ...]:
         return self.meta.classes
 
+    def active_temperature(self) -> float:
+        if self.temperature is not None:
+            return self.temperature
+        return self.meta.temperatures.get(views_key(self.flip_tta, self.zoom_tta), 1.0)
+
     def predict(self, crops: npt.NDArray[np.uint8]) -> FloatArray:
+        """Probabilities per crop: the mean over the test-time views, then calibrated."""
+        return apply_temperature(self.predict_raw(crops), self.active_temperature())
+
+    def predict_raw(self, crops: npt.NDArray[np.uint8]) -> FloatArray:
+        """The mean of the views' probabilities, uncalibrated."""
+        views = self.predict_views(crops)
+        if len(views) == 1:
+            return views[0]
+        return np.asarray(views.mean(axis=0), dtype=np.float32)
+
+    def predict_views(self, crops: npt.NDArray[np.uint8]) -> FloatArray:
+        """Uncalibrated probabilities of every test-time view, (V, N, C): the crop, then each zoom
+        factor in turn, then (with flip TTA) the mirror images of these in the same order."""
         crops = np.asarray(crops)
         if crops.ndim == 2:
             crops = crops[None]
@@ -96,10 +169,9 @@ class _BucketedClassifier:
         if self.flip_tta:
             views += [v[:, :, ::-1] for v in views]
         if len(views) == 1:
-            return self._predict(crops)
-        n = len(crops)
+            return self._predict(crops)[None]
         probs = self._predict(np.concatenate(views))
-        return np.asarray(probs.reshape(len(views), n, -1).mean(axis=0), dtype=np.float32)
+        return np.asarray(probs.reshape(len(views), len(crops), -1), dtype=np.float32)
 
     def _predict(self, crops: npt.NDArray[np.uint8]) -> FloatArray:
         size = self.meta.input_size

@@ -3,128 +3,137 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import contextlib
 import runpy
 import sys
 import time
-from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import redis
 from pydantic import ValidationError
 
 from shared.cameras import CameraRegistry, CameraSettings
-from shared.events import EventFilter, EventReader, TrackReader
+from shared.console import add_filter_args, make_filter, print_event
+from shared.events import EventReader, TrackReader
 from shared.schema import EventMsg, TrackEventMsg
-from shared.settings import RedisSettings, format_errors, mask_url
-from shared.streams import Keys, connect
+from shared.settings import ConfigError, RedisSettings, ServiceSettings, format_errors, load, mask_url
+from shared.streams import TRANSIENT_ERRORS, Keys, connect
 
-SERVICES = ("ingest", "detect", "classify")
-
-
-def format_track(te: TrackEventMsg) -> str:
-    if te.kind == "changed":
-        what = f"{te.previous} -> {te.emotion} ({te.confidence:.2f}) after {te.previous_duration_s:.1f}s"
-    elif te.kind == "ended":
-        mix = ", ".join(f"{k} {v:.1f}s" for k, v in (te.time_per_emotion_s or {}).items())
-        what = f"after {te.duration_s:.1f}s ({mix})"
-    else:
-        what = f"{te.emotion} ({te.confidence:.2f})"
-    return f"[{te.camera} track {te.track_id}] {te.kind} {what}"
+SERVICES = ("ingest", "detect", "classify", "web")
 
 
-def format_event(ev: EventMsg) -> str:
-    b = ev.box
-    latency = (ev.publish_ts - ev.capture_ts) * 1000
-    track = f" track {ev.track_id}" if ev.track_id is not None else ""
-    return (f"[{ev.camera} #{ev.seq} face {ev.face}{track}] Detected Emotion: {ev.label} ({ev.score:.2f}) "
-            f"box {b.x},{b.y},{b.w}x{b.h} latency {latency:.0f} ms")
+def add_redis_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", type=Path, default=None,
+                   help="the pipeline's YAML settings: its redis section (URL, password, username, TLS files, "
+                        "cluster, prefix) is used; ES_REDIS__* variables override it, as for the services")
+    p.add_argument("--redis-url", default=None,
+                   help="overrides --config and the environment (default: ES_REDIS__URL, $REDIS_URL or "
+                        "redis://127.0.0.1:6379/0)")
+    p.add_argument("--prefix", default=None, help="key prefix of the pipeline (default: the config's, else es)")
 
 
-def print_event(ev: EventMsg | TrackEventMsg, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(ev.to_dict()), flush=True)
-    else:
-        print(format_event(ev) if isinstance(ev, EventMsg) else format_track(ev), flush=True)
-
-
-def redis_url_from_env() -> str | None:
-    return os.environ.get("ES_REDIS__URL") or os.environ.get("REDIS_URL")
-
-
-def add_filter_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print events as JSON lines")
-    p.add_argument("--camera", action="append", default=[], help="only this camera (repeatable)")
-    p.add_argument("--emotion", action="append", default=[], help="only this emotion (repeatable)")
-    p.add_argument("--min-score", type=float, default=0.0, help="only events with at least this score")
-
-
-def make_filter(args: argparse.Namespace) -> EventFilter:
-    return EventFilter(cameras=frozenset(args.camera), emotions=frozenset(args.emotion), min_score=args.min_score)
+def redis_settings(args: argparse.Namespace) -> RedisSettings:
+    """The services' Redis settings (file + ES_REDIS__* + REDIS_URL), then this command's flags."""
+    base = load(ServiceSettings, args.config).redis
+    flags = {k: v for k, v in {"url": args.redis_url, "prefix": args.prefix}.items() if v is not None}
+    try:
+        return RedisSettings.model_validate({**base.model_dump(), **flags})
+    except ValidationError as exc:
+        raise ConfigError([line.replace("config error: ", "config error: redis.", 1)
+                           for line in format_errors(exc)]) from None
 
 
 def events_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="emotion-stream events", description="Print emotion events as they arrive.")
-    p.add_argument("--redis-url", default=None, help="default: $REDIS_URL or redis://127.0.0.1:6379/0")
-    p.add_argument("--prefix", default="es", help="key prefix of the pipeline")
-    p.add_argument("--from", dest="start", default="now", help="'now', 'start' or a stream id to replay from")
-    p.add_argument("--group", default=None, help="read through this consumer group (shared work, resumable)")
+    add_redis_args(p)
+    p.add_argument("--from", dest="start", default=None,
+                   help="'now' (default), 'start' or a stream id to replay from; with --group: where a new group "
+                        "starts, and an existing group is moved there")
+    p.add_argument("--group", default=None, help="read through this consumer group (shared work, resumable; each "
+                   "event is acked after it is printed)")
+    p.add_argument("--consumer", default=None, help="consumer name in the group (default: HOST-events); a restart "
+                   "under the same name first prints what it had received but not finished")
     p.add_argument("--count", type=int, default=0, help="exit after this many events (0 = run until Ctrl-C)")
     p.add_argument("--tracks", action="store_true",
                    help="print track events (started / changed / ended) instead of per-frame events")
     add_filter_args(p)
     args = p.parse_args(argv)
-    url = args.redis_url or redis_url_from_env() or "redis://127.0.0.1:6379/0"
     try:
-        r = connect(RedisSettings(url=url))
-        if args.tracks:
-            tracks = TrackReader(r, keys=Keys(args.prefix), start=args.start, cameras=frozenset(args.camera))
-            return _print_loop(tracks.poll, args.json, args.count)
-        reader = EventReader(r, keys=Keys(args.prefix), start=args.start, filt=make_filter(args), group=args.group)
+        cfg = redis_settings(args)
+    except ConfigError as exc:
+        print("\n".join(exc.lines), file=sys.stderr)
+        return 2
+    options = {"keys": Keys(cfg.prefix), "start": args.start or "now", "filt": make_filter(args),
+               "group": args.group, "consumer": args.consumer, "reposition": args.start is not None}
+    try:
+        r = connect(cfg)
+        reader: EventReader | TrackReader = TrackReader(r, **options) if args.tracks else EventReader(r, **options)
     except (ValueError, redis.RedisError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return _print_loop(reader.poll, args.json, args.count)
+    return _print_loop(reader, args.json, args.count)
 
 
-def _print_loop(poll: Callable[[], Sequence[EventMsg | TrackEventMsg]], as_json: bool, count: int) -> int:
+def _print_loop(reader: EventReader | TrackReader, as_json: bool, count: int) -> int:
+    """Print until ``count`` events or Ctrl-C; Redis outages are waited out inside the reader.
+
+    With a group, an entry is acked only after its event was printed (or filtered out): on
+    ``--count`` or Ctrl-C the rest of the last read stays pending for this consumer's next run.
+    """
     seen = 0
+    received: list[str] = []
     try:
         while count <= 0 or seen < count:
-            for ev in poll():
-                print_event(ev, as_json)
-                seen += 1
+            batch = reader.read_positioned()
+            received = [i for i in reader._unacked if i not in {p.id for p in batch}]  # undecodable
+            for item in batch:
+                if _wanted(reader, item.msg):
+                    print_event(item.msg, as_json)
+                    seen += 1
+                received.append(item.id)
                 if 0 < count <= seen:
                     break
     except KeyboardInterrupt:
         pass
-    except redis.ConnectionError as exc:
-        print(f"error: Redis connection lost: {exc}", file=sys.stderr)
-        return 1
+    # If Redis is down, unacked entries stay pending and this consumer's next run prints them.
+    with contextlib.suppress(*TRANSIENT_ERRORS):
+        reader.ack(received)
     return 0
+
+
+def _wanted(reader: EventReader | TrackReader, msg: EventMsg | TrackEventMsg) -> bool:
+    if isinstance(msg, EventMsg):
+        return reader.filt.matches(msg)
+    return reader.filt.matches_track(msg)
 
 
 def cameras_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="emotion-stream cameras",
                                 description="Manage the cameras of ingest replicas running with ingest.dynamic: true.")
-    p.add_argument("--redis-url", default=None, help="default: $REDIS_URL or redis://127.0.0.1:6379/0")
-    p.add_argument("--prefix", default="es", help="key prefix of the pipeline")
+    add_redis_args(p)
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="cameras and their settings")
     sub.add_parser("status", help="per camera: owner, state, fps, last frame age, last error")
-    for action in ("add", "update"):
-        a = sub.add_parser(action, help=f"{action} a camera")
-        a.add_argument("id")
-        a.add_argument("url")
-        a.add_argument("--fps", type=float, default=10.0)
-        a.add_argument("--loop", action="store_true")
+    add = sub.add_parser("add", help="add a camera")
+    add.add_argument("id")
+    add.add_argument("url")
+    add.add_argument("--fps", type=float, default=10.0)
+    add.add_argument("--loop", action=argparse.BooleanOptionalAction, default=False)
+    update = sub.add_parser("update", help="change a camera: only the fields given")
+    update.add_argument("id")
+    update.add_argument("url", nargs="?", default=None)
+    update.add_argument("--fps", type=float, default=None)
+    update.add_argument("--loop", action=argparse.BooleanOptionalAction, default=None)
     rm = sub.add_parser("remove", help="remove a camera")
     rm.add_argument("id")
     args = p.parse_args(argv)
-    url = args.redis_url or redis_url_from_env() or "redis://127.0.0.1:6379/0"
     try:
-        registry = CameraRegistry(connect(RedisSettings(url=url)), args.prefix)
+        cfg = redis_settings(args)
+        registry = CameraRegistry(connect(cfg), cfg.prefix)
         return _camera_action(registry, args)
+    except ConfigError as exc:
+        print("\n".join(exc.lines), file=sys.stderr)
+        return 2
     except (ValueError, KeyError, redis.RedisError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -132,13 +141,19 @@ def cameras_main(argv: list[str]) -> int:
 
 def _camera_action(registry: CameraRegistry, args: argparse.Namespace) -> int:
     if args.action in ("add", "update"):
+        current = registry.cameras()[0].get(args.id) if args.action == "update" else None
+        if args.action == "update" and current is None:
+            print(f"error: camera {args.id!r} does not exist", file=sys.stderr)
+            return 2
+        given = {k: v for k, v in {"url": args.url, "fps": args.fps, "loop": args.loop}.items() if v is not None}
         try:
-            cam = CameraSettings(id=args.id, url=args.url, fps=args.fps, loop=args.loop)
+            cam = CameraSettings.model_validate({**(current.model_dump() if current else {}), "id": args.id, **given})
         except ValidationError as exc:
             print("\n".join(format_errors(exc)), file=sys.stderr)
             return 2
         registry.put(cam, must_exist=args.action == "update")
         print(f"camera {cam.id} {'added' if args.action == 'add' else 'updated'}")
+        _warn_without_dynamic_ingest(registry)
     elif args.action == "remove":
         if not registry.remove(args.id):
             print(f"error: camera {args.id!r} does not exist", file=sys.stderr)
@@ -153,6 +168,12 @@ def _camera_action(registry: CameraRegistry, args: argparse.Namespace) -> int:
     else:
         _print_status(registry)
     return 0
+
+
+def _warn_without_dynamic_ingest(registry: CameraRegistry) -> None:
+    if not registry.r.zcount(registry.replicas_key, time.time() - 30, "+inf"):
+        print("warning: no ingest replica runs with ingest.dynamic: true; the change takes effect when one starts",
+              file=sys.stderr)
 
 
 def _print_status(registry: CameraRegistry) -> None:
@@ -183,9 +204,11 @@ commands:
   up        run the whole pipeline (embedded Redis unless REDIS_URL is set) and print events
   events    print emotion events (or, with --tracks, track events) from a running pipeline
   cameras   list / add / update / remove cameras and show their status (ingest.dynamic)
+  keda      write the KEDA ScaledObjects (a detect trigger per camera) from a settings file
   ingest    run the ingest service     (same as python -m services.ingest)
   detect    run the detect service     (same as python -m services.detect)
   classify  run the classify service   (same as python -m services.classify)
+  web       run the web view           (same as python -m services.web)
 
 Run 'emotion-stream COMMAND --help' for a command's options.
 """
@@ -205,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         return events_main(rest)
     if command == "cameras":
         return cameras_main(rest)
+    if command == "keda":
+        from shared.keda import keda_main
+
+        return keda_main(rest)
     if command in SERVICES:
         return run_service(command, rest)
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -13,9 +14,42 @@ import redis
 
 
 def free_port() -> int:
+    """A loopback port that is free now and not handed out before by this process.
+
+    Chosen below the kernel's ephemeral range: a port from that range (what binding to port 0
+    gives) can be taken as the source port of any outgoing connection, a Redis client's say,
+    before the process it was meant for binds it.
+    """
+    low = _ephemeral_low()
+    if low > 2048:
+        for _ in range(200):
+            port = _rng.randrange(max(1024, low - 16384), low)
+            if port not in _handed_out and _bindable(port):
+                _handed_out.add(port)
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+_rng = random.Random()
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152  # the IANA dynamic range, used where the kernel does not say
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def find_redis_server() -> str | None:

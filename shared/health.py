@@ -47,6 +47,10 @@ class CommonMetrics:
                                    ["stream", "group"], registry=registry)
         self.group_lag = Gauge("es_stream_lag", "Entries not yet delivered to a consumer group",
                                ["stream", "group"], registry=registry)
+        self.lost = Counter("es_stream_lost_total", "Stream entries lost before a group processed them "
+                            "(trimmed_unread: MAXLEN trimmed them unread; trimmed_pending: trimmed while "
+                            "pending; redis_oom: could be neither processed nor dead-lettered)",
+                            ["stream", "group", "reason"], registry=registry)
 
 
     def drop(self, camera: str, reason: str, n: int = 1) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -19,13 +21,14 @@ from typing import Any
 
 import redis
 import yaml
+from pydantic import ValidationError
 
-from shared.cli import add_filter_args, make_filter, print_event, redis_url_from_env
+from shared.console import add_filter_args, make_filter, print_event, redis_url_from_env
 from shared.embedded_redis import EmbeddedRedis, free_port
 from shared.events import EventReader
-from shared.settings import RedisSettings, mask_url
+from shared.settings import ConfigError, RedisSettings, ServiceSettings, format_errors, load, mask_url, read_yaml
 from shared.sources import file_path, source_kind
-from shared.streams import Keys, connect
+from shared.streams import TRANSIENT_ERRORS, Keys, connect, group_stats
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +44,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--loop", action="store_true", help="loop file inputs (then only Ctrl-C stops)")
     p.add_argument("--detect-workers", type=int, default=1, help="detect processes in the pool")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of an embedded one")
-    p.add_argument("--runtime", choices=["auto", "litert", "tensorflow"], default="auto")
+    p.add_argument("--config", "-c", type=Path, default=None,
+                   help="pipeline settings (YAML, as for the services): its cameras unless --input is given, and "
+                        "every other section; the flags below override it")
+    p.add_argument("--runtime", choices=["auto", "litert", "litert-int8", "tensorflow"], default=None,
+                   help="inference runtime (default: the config's, else auto)")
     p.add_argument("--model", default=None, help="model bundle folder (default: the shipped model)")
     p.add_argument("--logs", default=None, help="folder for the services' logs (default: a temporary one)")
     p.add_argument("--max-seconds", type=float, default=0.0, help="stop after this long (0 = no limit)")
+    p.add_argument("--web-port", type=int, default=8080,
+                   help="port of the web view on 127.0.0.1 (a free one when taken; 0 = any free port)")
+    p.add_argument("--no-web", action="store_true", help="do not start the web view")
     add_filter_args(p)
     return p.parse_args(argv)
 
@@ -93,8 +103,15 @@ class Pipeline:
             time.sleep(0.1)
         self._spawn("ingest")
 
-    def _spawn(self, name: str) -> None:
-        env = {**os.environ, "ES_REDIS__URL": self.url, "ES_CONSUMER": name}
+    def start_web(self, port: int) -> str:
+        """The web view, shown the other services' metrics; returns its address."""
+        endpoints = [{"name": n, "url": f"http://127.0.0.1:{p}/metrics"} for n, p in self.ports.items()]
+        self._spawn("web", {"ES_WEB__HOST": "127.0.0.1", "ES_WEB__PORT": str(port),
+                            "ES_WEB__SERVICES": json.dumps(endpoints)})
+        return f"http://127.0.0.1:{port}/"
+
+    def _spawn(self, name: str, extra_env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, "ES_REDIS__URL": self.url, "ES_CONSUMER": name, **(extra_env or {})}
         env.pop("REDIS_URL", None)
         self.ports[name] = free_port()
         env["ES_METRICS__PORT"] = str(self.ports[name])
@@ -169,15 +186,24 @@ def check_inputs(inputs: list[str]) -> str | None:
     return None
 
 
-def build_config(args: argparse.Namespace, inputs: list[str]) -> dict[str, Any]:
-    cameras = [{"id": f"cam{i}", "url": url, "fps": args.fps, "loop": bool(args.loop)} for i, url in enumerate(inputs)]
+def build_config(args: argparse.Namespace, inputs: list[str], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The services' settings: ``base`` (the --config file) with the launcher's defaults and flags."""
     config: dict[str, Any] = {
-        "cameras": cameras,
         "metrics": {"host": "127.0.0.1"},
         "log_level": "INFO",
-        "classify": {"runtime": args.runtime, "max_wait_ms": 10},
+        "classify": {"runtime": "auto", "max_wait_ms": 10},
         "detect": {"max_frame_age_s": 5.0},
     }
+    for section, value in (base or {}).items():
+        if isinstance(value, dict) and isinstance(config.get(section), dict):
+            config[section] = {**config[section], **value}
+        else:
+            config[section] = value
+    if inputs or not config.get("cameras"):
+        config["cameras"] = [{"id": f"cam{i}", "url": url, "fps": args.fps, "loop": bool(args.loop)}
+                             for i, url in enumerate(inputs)]
+    if args.runtime:
+        config["classify"]["runtime"] = args.runtime
     if args.model:
         config["classify"]["model"] = args.model
     return config
@@ -194,7 +220,12 @@ class _Interrupt:
 def up_main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    if not args.input:
+    try:
+        args.file_config = read_yaml(args.config)
+    except ConfigError as exc:
+        print("\n".join(exc.lines), file=sys.stderr)
+        return 2
+    if not args.input and not args.file_config.get("cameras"):
         from shared.sample import sample_video
 
         args.input = [str(sample_video())]
@@ -202,25 +233,37 @@ def up_main(argv: list[str]) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    url = args.redis_url or redis_url_from_env()
+    url = args.redis_url or redis_url_from_env() or args.file_config.get("redis", {}).get("url")
     embedded = None if url else EmbeddedRedis().start()
     url = url or embedded.url  # type: ignore[union-attr]
+    config = build_config(args, args.input, args.file_config)
     print(f"redis: {mask_url(url)}{' (embedded)' if embedded else ''}; inputs: "
-          f"{', '.join(mask_url(i) for i in args.input)}", file=sys.stderr)
+          f"{', '.join(mask_url(str(c['url'])) for c in config['cameras'])}", file=sys.stderr)
     workdir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="emotion-stream-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        return _run(args, url, workdir)
+        return _run(args, url, workdir, config)
     finally:
         if embedded is not None:
             embedded.stop()
 
 
-def _run(args: argparse.Namespace, url: str, workdir: Path) -> int:
-    r = connect(RedisSettings(url=url))
-    keys = Keys()
+def _run(args: argparse.Namespace, url: str, workdir: Path, config: dict[str, Any]) -> int:
+    try:
+        # the services' own view: the file's redis section, ES_REDIS__* over it, then this run's URL
+        file_redis = load(ServiceSettings, None, {"redis": config.get("redis", {})}).redis
+        redis_cfg = RedisSettings.model_validate({**file_redis.model_dump(), "url": url})
+    except ConfigError as exc:
+        print("\n".join(exc.lines), file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        print("\n".join(format_errors(exc)), file=sys.stderr)
+        return 2
+    r = connect(redis_cfg)
+    keys = Keys(redis_cfg.prefix)
+    _warn_if_in_use(r, keys, [str(c["id"]) for c in config["cameras"]])
     start_id = _last_id(r, keys.events)
-    pipeline = Pipeline(url, build_config(args, args.input), workdir, args.detect_workers)
+    pipeline = Pipeline(url, config, workdir, args.detect_workers)
     interrupt = _Interrupt()
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
@@ -228,34 +271,110 @@ def _run(args: argparse.Namespace, url: str, workdir: Path) -> int:
     stats = Stats()
     pipeline.start()
     print(f"services started (logs in {workdir}); Ctrl-C stops", file=sys.stderr)
+    if not args.no_web:
+        print(f"web view: {pipeline.start_web(web_port(args.web_port))}", file=sys.stderr)
     code = 0
     try:
-        code = _event_loop(args, pipeline, reader, stats, interrupt, r, keys)
+        code = _event_loop(args, pipeline, reader, stats, interrupt, r, keys, [str(c["id"]) for c in config["cameras"]])
     finally:
         pipeline.stop()
-        for ev in reader.poll():
-            print_event(ev, args.json)
-            stats.add(ev.publish_ts - ev.capture_ts)
+        reader.block_ms = 10
+        while batch := reader.read():  # what arrived while the services stopped (a read holds 256 at most)
+            for ev in (e for e in batch if reader.filt.matches(e)):
+                print_event(ev, args.json)
+                stats.add(ev.publish_ts - ev.capture_ts)
         print(stats.summary(), file=sys.stderr)
     return code
 
 
+# After the end of input, a pipeline whose queues stop moving (Redis refusing writes when out of
+# memory, say) is given up on after this long rather than waited on forever.
+STALL_S = 30.0
+
+
 def _event_loop(args: argparse.Namespace, pipeline: Pipeline, reader: EventReader, stats: Stats,
-                interrupt: _Interrupt, r: redis.Redis, keys: Keys) -> int:
-    cameras = [f"cam{i}" for i in range(len(args.input))]
+                interrupt: _Interrupt, r: redis.Redis, keys: Keys, cameras: list[str]) -> int:
     deadline = time.monotonic() + args.max_seconds if args.max_seconds > 0 else float("inf")
+    progress = Progress()
     while not interrupt.requested and time.monotonic() < deadline:
-        for ev in reader.poll():
+        for ev in reader.poll():  # waits out Redis outages and resumes after the last event
             print_event(ev, args.json)
             stats.add(ev.publish_ts - ev.capture_ts)
+            progress.moved()
         failure = pipeline.failed()
         if failure:
             print(f"error: {failure}", file=sys.stderr)
             return 1
-        if pipeline.ingest_done() and drained(r, keys, cameras):
-            print("all inputs processed", file=sys.stderr)
-            return 0
+        if not pipeline.ingest_done():
+            continue
+        try:
+            if drained(r, keys, cameras):
+                print("all inputs processed", file=sys.stderr)
+                return 0
+            progress.observe(backlog(r, keys, cameras))
+        except TRANSIENT_ERRORS:
+            continue  # Redis is restarting: the services retry, so does this loop
+        if progress.stalled(STALL_S):
+            print(f"error: inputs ended, but the pipeline made no progress for {STALL_S:.0f}s with "
+                  f"{progress.last} entries unprocessed (Redis refusing writes? see the services' logs and "
+                  "es_frames_dropped_total / es_stream_lost_total)", file=sys.stderr)
+            return 1
     return 0
+
+
+class Progress:
+    """Notices when the backlog stops changing and no event arrives."""
+
+    def __init__(self) -> None:
+        self.last: int | None = None
+        self.since = time.monotonic()
+
+    def moved(self) -> None:
+        self.since = time.monotonic()
+
+    def observe(self, backlog: int) -> None:
+        if backlog != self.last:
+            self.last = backlog
+            self.moved()
+
+    def stalled(self, seconds: float) -> bool:
+        return time.monotonic() - self.since > seconds
+
+
+def backlog(r: redis.Redis, keys: Keys, cameras: list[str]) -> int:
+    """Entries pending or not yet delivered in the frame and face streams."""
+    total = 0
+    for stream, group in [(keys.frames(c), "detect") for c in cameras] + [(keys.faces, "classify")]:
+        stats = group_stats(r, stream, group)
+        if stats is not None:
+            total += stats.pending + stats.lag
+    return total
+
+
+def _warn_if_in_use(r: redis.Redis, keys: Keys, cameras: list[str]) -> None:
+    """A Redis that already holds a pipeline under this prefix: camera ids and consumer names would collide."""
+    try:
+        known = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in r.smembers(keys.cameras))
+    except TRANSIENT_ERRORS:
+        return
+    if known:
+        shared = sorted(set(known) & set(cameras))
+        print(f"warning: this Redis already holds a pipeline under prefix {keys.prefix!r} (cameras: "
+              f"{', '.join(known[:10])}){'; same camera ids: ' + ', '.join(shared) if shared else ''}. Its "
+              "streams, consumer groups and consumer names are shared with this run; use another Redis or "
+              "redis.prefix to keep them apart", file=sys.stderr)
+
+
+def web_port(wanted: int) -> int:
+    """``wanted`` when it is free on loopback, else any free port."""
+    if wanted:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", wanted))
+                return wanted
+            except OSError:
+                print(f"port {wanted} is taken; the web view uses another", file=sys.stderr)
+    return free_port()
 
 
 def _last_id(r: redis.Redis, stream: str) -> str:

@@ -2,7 +2,8 @@
 
 Layout: ``model.keras`` (Keras 3), ``model.tflite`` (LiteRT), optionally ``model_int8.tflite``
 (LiteRT, int8 weights and activations) and ``model.json`` (class names, input size, version,
-training record). The services and the CLI read class names from here.
+calibration temperatures, training record). The services and the CLI read class names and
+temperatures from here.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class BundleMeta:
     version: str
     input_size: int = 64
     extra: dict[str, Any] = field(default_factory=dict)
+    # Calibration: a softmax temperature per set of test-time views (key: shared.classifier.views_key),
+    # fitted on held-out faces; a view set without one is served uncalibrated.
+    temperatures: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -49,11 +53,18 @@ def read_meta(bundle: Path) -> BundleMeta:
     classes = raw.get("classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise BundleError(f"model bundle {bundle}: 'classes' must be a non-empty list of names")
+    temperatures = raw.get("temperatures", {})
+    if not isinstance(temperatures, dict) or not all(
+        isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+        for k, v in temperatures.items()
+    ):
+        raise BundleError(f"model bundle {bundle}: 'temperatures' must map view names to positive numbers")
     return BundleMeta(
         classes=tuple(classes),
         version=str(raw.get("version", "unknown")),
         input_size=int(raw.get("input_size", 64)),
         extra=dict(raw.get("extra", {})),
+        temperatures={k: float(v) for k, v in temperatures.items()},
     )
 
 

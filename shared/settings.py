@@ -15,13 +15,16 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "ES_"
 # One YAML file may configure the whole pipeline: each service validates its own sections and
 # leaves these, owned by the other services, to them. Any other unknown key is an error.
-PIPELINE_SECTIONS = frozenset({"cameras", "ingest", "detect", "detector", "classify", "tracking"})
+PIPELINE_SECTIONS = frozenset({"cameras", "ingest", "detect", "detector", "classify", "tracking", "web"})
+# Keys one service needs from another service's section (which it otherwise drops): the copy
+# defaults to the owner's value, and a file setting both to different values is an error.
+MIRRORED_KEYS: dict[tuple[str, str], tuple[str, str]] = {("ingest", "detect_group"): ("detect", "group")}
 
 
 class Section(BaseModel):
@@ -64,7 +67,11 @@ class StreamSettings(Section):
     claim_idle_ms: int = Field(30_000, ge=100, description="reclaim entries pending this long on dead consumers")
     claim_every_s: float = Field(5.0, gt=0, description="how often to look for entries to reclaim")
     max_deliveries: int = Field(5, ge=1, le=100, description="deliveries before an entry is dead-lettered")
-    dead_letter_maxlen: int = Field(10_000, ge=100, description="approximate cap of the dead-letter stream")
+    dead_letter_maxlen: int = Field(1_000, ge=100, description="approximate cap of each dead-letter stream")
+    dead_letter_payload_max_bytes: int = Field(16_384, ge=0, description="dead letters keep payloads up to this "
+                                               "size (face crops); larger ones (JPEG frames) keep only their size")
+    claim_count: int = Field(8, ge=1, le=1000, description="entries taken over per XAUTOCLAIM and handled together "
+                             "(small, so a poison entry that crashes its worker takes few innocent ones with it)")
     drain_timeout_s: float = Field(10.0, gt=0, le=300, description="first SIGTERM: finish in-flight work this long")
 
 
@@ -79,6 +86,14 @@ class ServiceSettings(BaseSettings):
     streams: StreamSettings = StreamSettings()
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="logging level")
     consumer: str = Field("", description="consumer name in the group; default host-pid")
+
+    @model_validator(mode="after")
+    def _block_below_socket_timeout(self) -> ServiceSettings:
+        if self.streams.block_ms / 1000 + 0.5 > self.redis.socket_timeout_s:
+            raise ValueError(f"streams.block_ms ({self.streams.block_ms}) must stay at least 0.5 s below "
+                             f"redis.socket_timeout_s ({self.redis.socket_timeout_s}): a blocking read would "
+                             "time out on the client and count as a Redis outage")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -124,6 +139,9 @@ def format_errors(exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"])
+        if not path:  # a check across keys: its message names each key and value
+            lines.append(f"config error: {err['msg'].removeprefix('Value error, ')}")
+            continue
         value = err.get("input")
         shown = mask_secret(path, value)
         lines.append(f"config error: {path} = {shown!r}: {err['msg']}")
@@ -159,7 +177,7 @@ def mask_url(url: str) -> str:
 
 def load(cls: type[S], path: Path | None, overrides: dict[str, Any] | None = None) -> S:
     """YAML file + environment -> validated settings; raises :class:`ConfigError`."""
-    data = read_yaml(path)
+    data = _mirror(read_yaml(path), cls)
     foreign = PIPELINE_SECTIONS - set(cls.model_fields)
     data = {k: v for k, v in data.items() if k not in foreign}
     if overrides:
@@ -171,6 +189,23 @@ def load(cls: type[S], path: Path | None, overrides: dict[str, Any] | None = Non
         return cls(**data)
     except ValidationError as exc:
         raise ConfigError(format_errors(exc)) from exc
+
+
+def _mirror(data: dict[str, Any], cls: type[BaseModel]) -> dict[str, Any]:
+    """Fill or check the keys of :data:`MIRRORED_KEYS` before the other services' sections go."""
+    out = dict(data)
+    for (section, key), (owner, owner_key) in MIRRORED_KEYS.items():
+        source = data.get(owner)
+        if section not in cls.model_fields or not isinstance(source, dict) or owner_key not in source:
+            continue
+        found = out.get(section)
+        mine: dict[str, Any] = found if isinstance(found, dict) else {}
+        value = source[owner_key]
+        if key in mine and mine[key] != value:
+            raise ConfigError([f"config error: {section}.{key} = {mine[key]!r}: must equal {owner}.{owner_key} "
+                               f"({value!r}), the same consumer group"])
+        out[section] = {**mine, key: value}
+    return out
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -83,12 +83,20 @@ class CameraTracker:
         self._next_id = first_id
         self.last_ts = 0.0
 
-    def update(self, ts: float, detections: Sequence[Detection]) -> tuple[list[int], list[TrackEvent]]:
-        """Track id for each detection (same order), and the track events this frame caused."""
+    def update(self, ts: float, detections: Sequence[Detection]) -> tuple[list[int | None], list[TrackEvent]]:
+        """Track id for each detection (same order), and the track events this frame caused.
+
+        A frame older than the newest one seen (delivered late, e.g. re-processed after a worker
+        crash) does not move any track: durations would run backwards. Its faces get the id of
+        the track they overlap, or None, and cause no events.
+        """
+        if ts < self.last_ts:
+            pairs = self._match(detections)
+            return [pairs[i].id if i in pairs else None for i in range(len(detections))], []
         events: list[TrackEvent] = []
         self._advance(ts)
         pairs = self._match(detections)
-        ids: list[int] = [0] * len(detections)
+        ids: list[int | None] = [None] * len(detections)
         matched_tracks = set()
         for det_index, track in pairs.items():
             ids[det_index] = track.id

@@ -23,8 +23,11 @@ import redis
 from shared.health import CommonMetrics, Heartbeat
 from shared.settings import ServiceSettings
 from shared.streams import (
-    CONNECTION_ERRORS,
+    COUNT_TRIMMED,
+    REFUSAL_ERRORS,
+    TRANSIENT_ERRORS,
     Backoff,
+    Claimed,
     Entry,
     Keys,
     autoclaim,
@@ -36,7 +39,11 @@ from shared.streams import (
     group_stats,
     is_cluster,
     is_nogroup,
+    is_transient,
     parse_read,
+    refusal_reason,
+    trimmed_pending,
+    trimmed_unread,
 )
 
 log = logging.getLogger(__name__)
@@ -128,6 +135,7 @@ class StreamWorker(ABC):
         self._last_stats = 0.0
         self._clustered = is_cluster(r)
         self._turn = 0
+        self._count_trimmed = r.register_script(COUNT_TRIMMED)
 
     # -- subclass API -------------------------------------------------------
 
@@ -145,6 +153,10 @@ class StreamWorker(ABC):
     def block_ms(self) -> int:
         return self.settings.streams.block_ms
 
+    def handle_claimed(self, entries: list[Entry]) -> None:
+        """Process entries taken over from another consumer; by default like fresh ones."""
+        self.handle(entries)
+
     def idle(self) -> None:  # noqa: B027 (optional hook)
         """Called when a read returned nothing (e.g. to flush a partial batch)."""
 
@@ -160,13 +172,16 @@ class StreamWorker(ABC):
             try:
                 self.step()
                 self.backoff.reset()
-            except CONNECTION_ERRORS as exc:
-                self._on_redis_down(exc)
             except redis.ResponseError as exc:
-                if not is_nogroup(exc):
+                if is_transient(exc):
+                    self._on_redis_down(exc)  # OOM, READONLY: the entries stay pending, retried later
+                elif is_nogroup(exc):
+                    log.warning("consumer group missing (Redis restarted empty?): re-creating")
+                    self._groups.clear()
+                else:
                     raise
-                log.warning("consumer group missing (Redis restarted empty?): re-creating")
-                self._groups.clear()
+            except TRANSIENT_ERRORS as exc:
+                self._on_redis_down(exc)
         self._drain_safely()
 
     def step(self) -> None:
@@ -206,7 +221,8 @@ class StreamWorker(ABC):
     def _on_redis_down(self, exc: Exception) -> None:
         self.common.redis_errors.inc()
         delay = self.backoff.next_delay()
-        log.warning("Redis unavailable (%s: %s); retrying in %.2fs", type(exc).__name__, exc, delay)
+        log.warning("Redis refused or unavailable (%s, %s: %s); retrying in %.2fs", refusal_reason(exc),
+                    type(exc).__name__, exc, delay)
         self._groups.clear()
         self.stopper.wait(delay)
 
@@ -239,11 +255,46 @@ class StreamWorker(ABC):
             return
         self._last_claim = now
         for stream in streams:
-            claimed = autoclaim(self.r, stream, self.group, self.consumer, cfg.claim_idle_ms)
-            if claimed:
-                log.info("reclaimed %d idle entries from %s", len(claimed), stream)
-                self.common.reclaimed.labels(stream=stream).inc(len(claimed))
-                self.handle(self._drop_poison(stream, claimed))
+            self._claim_stream(stream)
+
+    def _claim_stream(self, stream: str, idle_ms: int | None = None) -> None:
+        """Take over idle entries a few at a time, so a poison entry takes few others with it.
+
+        Entries already delivered before (suspects: the consumer holding them died) are handled
+        one by one; at most one full pass over the stream's pending entries per call.
+        """
+        cfg = self.settings.streams
+        cursor = "0-0"
+        while not self.stopper.stopping:
+            claimed = autoclaim(self.r, stream, self.group, self.consumer,
+                                cfg.claim_idle_ms if idle_ms is None else idle_ms,
+                                count=cfg.claim_count, start_id=cursor)
+            self._count_lost_pending(stream, claimed)
+            if claimed.entries:
+                log.info("reclaimed %d idle entries from %s", len(claimed.entries), stream)
+                self.common.reclaimed.labels(stream=stream).inc(len(claimed.entries))
+                survivors = self._drop_poison(stream, claimed.entries)
+                counts = delivery_counts(self.r, stream, self.group, [e.id for e in survivors])
+                first_time = [e for e in survivors if counts.get(e.id, 1) <= 2]
+                if first_time:
+                    self.handle_claimed(first_time)
+                for suspect in (e for e in survivors if counts.get(e.id, 1) > 2):
+                    self.handle_claimed([suspect])
+            cursor = claimed.next_id
+            if cursor == "0-0":
+                return
+
+    def _count_lost_pending(self, stream: str, claimed: Claimed) -> None:
+        """Pending entries trimmed before anyone acked them: ack (Redis 6.2 keeps them) and count."""
+        gone = list(claimed.deleted)
+        if claimed.unnamed:
+            gone += trimmed_pending(self.r, stream, self.group, self.consumer,
+                                    claimed.unnamed + self.settings.streams.claim_count + self.read_count())
+        if not gone:
+            return
+        self.r.xack(stream, self.group, *gone)
+        log.warning("%d pending entries of %s were trimmed before they were processed", len(gone), stream)
+        self.common.lost.labels(stream=stream, group=self.group, reason="trimmed_pending").inc(len(gone))
 
     def _maybe_sample(self, streams: list[str]) -> None:
         now = time.monotonic()
@@ -257,20 +308,54 @@ class StreamWorker(ABC):
             self.common.stream_length.labels(stream=stream).set(stats.length)
             self.common.group_pending.labels(stream=stream, group=self.group).set(stats.pending)
             self.common.group_lag.labels(stream=stream, group=self.group).set(stats.lag)
+            self._count_trimmed_unread(stream)
+
+    def _count_trimmed_unread(self, stream: str) -> None:
+        lost = trimmed_unread(self.r, stream, self.group)
+        if not lost:
+            return
+        marker = f"{stream}:trimmed:{self.group}"
+        stats = self.r.xinfo_groups(stream)
+        last = next((g["last-delivered-id"] for g in stats if _name(g["name"]) == self.group), b"")
+        new = int(self._count_trimmed(keys=[marker], args=[_name(last), lost]))
+        if new:
+            log.warning("%d entries of %s were trimmed (MAXLEN) before group %s read them", new, stream, self.group)
+            self.common.lost.labels(stream=stream, group=self.group, reason="trimmed_unread").inc(new)
 
     def _drop_poison(self, stream: str, entries: list[Entry]) -> list[Entry]:
-        """Entries delivered more than ``max_deliveries`` times go to the dead-letter stream."""
+        """Entries delivered more than ``max_deliveries`` times go to the dead-letter stream.
+
+        When even the dead letter is refused (Redis out of memory), the entry is acked and
+        counted as lost: retrying forever would pin it, and its stream's memory, for good.
+        """
         counts = delivery_counts(self.r, stream, self.group, [e.id for e in entries])
         limit = self.settings.streams.max_deliveries
         poison = [e for e in entries if counts.get(e.id, 0) > limit]
         if poison:
-            pipe = self.r.pipeline(transaction=False)
+            pipe = self.pipeline()
             for e in poison:
                 self.dead_letter(pipe, e, "max_deliveries", f"delivered {counts[e.id]} times")
-            pipe.execute()
+            try:
+                pipe.execute()
+            except REFUSAL_ERRORS as exc:
+                self._ack_lost(stream, poison, refusal_reason(exc))
         return [e for e in entries if e not in poison]
 
+    def _ack_lost(self, stream: str, entries: list[Entry], reason: str) -> None:
+        self.r.xack(stream, self.group, *[e.id for e in entries])
+        log.error("%d entries of %s could not be dead-lettered (%s): acked and counted as lost",
+                  len(entries), stream, reason)
+        self.common.lost.labels(stream=stream, group=self.group, reason=reason).inc(len(entries))
+
     # -- helpers for subclasses -------------------------------------------
+
+    def pipeline(self) -> Any:
+        """MULTI/EXEC on a single Redis, so outputs and acks land together or not at all.
+
+        A cluster refuses a transaction across slots; there the caller queues outputs and acks
+        in separate pipelines, outputs first (see the README's guarantees).
+        """
+        return self.r.pipeline(transaction=not self._clustered)
 
     def dead_letter(self, pipe: Any, entry: Entry, reason: str, detail: str) -> None:
         """Queue a dead letter + ack on ``pipe`` and count it."""
@@ -278,3 +363,7 @@ class StreamWorker(ABC):
         dead_letter(pipe, self.keys, self.settings.streams, entry, reason, detail, self.service)
         pipe.xack(entry.stream, self.group, entry.id)
         self.common.dead_letters.labels(stream=entry.stream, reason=reason).inc()
+
+
+def _name(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

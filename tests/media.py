@@ -61,10 +61,10 @@ class RtspServer:
 class MjpegServer:
     """multipart/x-mixed-replace JPEG stream, as IP cameras serve it, looping over frames."""
 
-    def __init__(self, frames: list[np.ndarray], fps: float) -> None:
+    def __init__(self, frames: list[np.ndarray], fps: float, port: int | None = None) -> None:
         self.jpegs = [cv2.imencode(".jpg", f)[1].tobytes() for f in frames]
         self.fps = fps
-        self.port = free_port()
+        self.port = port or free_port()  # a given port: the same camera coming back
         self.stopping = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
         self._server.daemon_threads = True

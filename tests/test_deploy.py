@@ -409,6 +409,44 @@ def test_keda_scales_detect_on_every_camera_stream_and_classify_on_faces() -> No
             assert int(meta["lagCount"]) > 0
             assert meta["addressFromEnv"] in env
     assert "es:{faces}" in expected["classify"][0] and "es:frames:{lobby}" in expected["detect"][0]
+    # one detect worker per camera at a time: more replicas than cameras would only idle
+    assert find(docs, "ScaledObject", "detect")["spec"]["maxReplicaCount"] <= len(config["cameras"])
+
+
+def keda_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shared.cli", "keda", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_keda_manifest_is_the_one_generated_from_the_k8s_cameras() -> None:
+    out = keda_command("--config", str(K8S_BASE / "config.yaml"), "--check", str(K8S_BASE / "keda.yaml"))
+    assert out.returncode == 0, out.stderr
+
+
+def test_a_camera_added_to_the_settings_gets_its_detect_trigger(tmp_path: Path) -> None:
+    config, _ = k8s_config(base_docs())
+    config["cameras"].append({"id": "garage", "url": "rtsp://camera-garage.example.internal/stream1"})
+    settings = tmp_path / "config.yaml"
+    settings.write_text(yaml.safe_dump(config))
+    # The committed manifest no longer matches: --check says so and how to regenerate.
+    stale = keda_command("--config", str(settings), "--check", str(K8S_BASE / "keda.yaml"))
+    assert stale.returncode == 1 and "regenerate" in stale.stderr, stale.stderr
+    written = tmp_path / "keda.yaml"
+    assert keda_command("--config", str(settings), "--out", str(written)).returncode == 0
+    detect = find(yaml_docs(written.read_text()), "ScaledObject", "detect")
+    streams = [t["metadata"]["stream"] for t in detect["spec"]["triggers"]]
+    assert streams == [Keys("es").frames(c["id"]) for c in config["cameras"]]
+    assert "es:frames:{garage}" in streams and detect["spec"]["maxReplicaCount"] == len(config["cameras"])
+
+
+def test_keda_without_cameras_is_a_clear_error(tmp_path: Path) -> None:
+    settings = tmp_path / "config.yaml"
+    settings.write_text("redis:\n  prefix: es\n")
+    out = keda_command("--config", str(settings))
+    assert out.returncode == 1 and "cameras" in out.stderr and str(settings) in out.stderr, out.stderr
+    settings.write_text("cameras:\n  - url: rtsp://camera.example.internal/stream1\n")
+    out = keda_command("--config", str(settings))
+    assert out.returncode == 1 and "cameras[0].id" in out.stderr, out.stderr
 
 
 def kustomize(path: Path) -> list[dict[str, Any]]:

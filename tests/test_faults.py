@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -12,13 +14,35 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+import yaml
 from media import HangingMjpeg, RtspServer
-from support import RedisServer, Service, endpoint_ok, free_port, pipeline, service_env, wait_for
+from support import (
+    REPO,
+    RedisServer,
+    Service,
+    endpoint_ok,
+    free_port,
+    metric,
+    metric_or,
+    pipeline,
+    service_env,
+    wait_for,
+)
 
 from shared.detection import DetectorSettings, HaarDetector, detect_and_crop
 from shared.events import EventReader
 from shared.sample import render_frames, write_video
-from shared.schema import EventMsg, decode_frame
+from shared.schema import (
+    FIELD,
+    EventMsg,
+    FaceCrop,
+    FacesMsg,
+    FrameMsg,
+    decode_faces,
+    decode_frame,
+    encode_faces,
+    encode_frame,
+)
 from shared.streams import Keys, parse_read
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -68,25 +92,59 @@ def group_idle(server: RedisServer, stream: str, group: str) -> bool:
     return bool(info) and info["pending"] == 0 and info["last-delivered-id"] == last
 
 
+def kill_a_holder(server: RedisServer, workers: dict[str, Service], stream: str, group: str) -> tuple[str, int]:
+    """SIGKILL one of ``workers`` (by consumer name) at a moment it holds delivered, unacked entries.
+
+    The workers are frozen (SIGSTOP) while the pending counts are read, so the kill cannot land
+    in the gap between two batches and let the test pass with nothing to take over. Returns the
+    name of the killed worker and how many entries it held.
+    """
+    r = server.client()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for svc in workers.values():
+            svc.proc.send_signal(signal.SIGSTOP)
+        held = {c["name"].decode(): int(c["pending"]) for c in r.xpending(stream, group)["consumers"]}
+        victim = next((name for name in workers if held.get(name)), None)
+        if victim is not None:
+            workers[victim].proc.send_signal(signal.SIGKILL)
+            workers[victim].proc.wait()
+        for name, svc in workers.items():
+            if name != victim:
+                svc.proc.send_signal(signal.SIGCONT)
+        if victim is not None:
+            return victim, held[victim]
+        time.sleep(0.01)
+    raise AssertionError(f"no worker of {sorted(workers)} ever held entries of {stream}")
+
+
 def test_killed_workers_lose_nothing(tmp_path: Path, redis_server: RedisServer, model_bundle: Path) -> None:
     video = write_video(tmp_path / "clip.mp4", render_frames(60), fps=20)
     cfg = base_config(model_bundle, [{"id": "cam", "url": str(video), "fps": 20}])
-    with pipeline(tmp_path, redis_server.url, cfg, services=("classify", "detect", "ingest")) as procs:
-        extra = {
-            "detect2": Service("detect", tmp_path / "config.yaml", service_env(redis_server.url, ES_CONSUMER="d2"),
-                               tmp_path, tag="-2"),
-            "classify2": Service("classify", tmp_path / "config.yaml",
-                                 service_env(redis_server.url, ES_CONSUMER="c2"), tmp_path, tag="-2"),
-        }
-        wait_for(lambda: len(all_events(redis_server)) >= 10, 90, what="first events")
-        procs["detect"].proc.send_signal(signal.SIGKILL)
-        wait_for(lambda: len(all_events(redis_server)) >= 25, 90, what="events after killing detect")
-        procs["classify"].proc.send_signal(signal.SIGKILL)
-        assert procs["ingest"].proc.wait(60) == 0
-        wait_for(lambda: group_idle(redis_server, KEYS.frames("cam"), "detect")
-                 and group_idle(redis_server, KEYS.faces, "classify"), 60, what="all entries acked")
-        for svc in extra.values():
-            assert svc.stop() == 0
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    ports = {name: free_port() for name in ("detect-a", "detect-b", "classify-a", "classify-b")}
+    workers = {name: Service(name.split("-")[0], tmp_path / "config.yaml",
+                             service_env(redis_server.url, ES_CONSUMER=name, ES_METRICS__PORT=str(port)),
+                             tmp_path, tag=name[-2:])
+               for name, port in ports.items()}
+    try:
+        wait_for(lambda: all(endpoint_ok(port, "/readyz") for port in ports.values()), 120, what="workers ready")
+        with pipeline(tmp_path, redis_server.url, cfg, services=("ingest",)) as procs:
+            wait_for(lambda: len(all_events(redis_server)) >= 10, 90, what="first events")
+            detects = {n: w for n, w in workers.items() if n.startswith("detect")}
+            dead_detect, held_frames = kill_a_holder(redis_server, detects, KEYS.frames("cam"), "detect")
+            wait_for(lambda: len(all_events(redis_server)) >= 25, 90, what="events after killing detect")
+            classifies = {n: w for n, w in workers.items() if n.startswith("classify")}
+            dead_classify, held_faces = kill_a_holder(redis_server, classifies, KEYS.faces, "classify")
+            assert procs["ingest"].proc.wait(60) == 0
+            wait_for(lambda: group_idle(redis_server, KEYS.frames("cam"), "detect")
+                     and group_idle(redis_server, KEYS.faces, "classify"), 60, what="all entries acked")
+        survivors = {n: p for n, p in ports.items() if n not in (dead_detect, dead_classify)}
+        reclaimed = {n: metric(p, "es_reclaimed_total", stream=KEYS.frames("cam") if n.startswith("detect")
+                               else KEYS.faces) for n, p in survivors.items()}
+    finally:
+        for svc in workers.values():
+            svc.stop()
     expected = frames_with_faces(redis_server, "cam")
     events = all_events(redis_server)
     by_id: dict[str, EventMsg] = {}
@@ -96,9 +154,13 @@ def test_killed_workers_lose_nothing(tmp_path: Path, redis_server: RedisServer, 
         by_id[ev.event_id] = ev
     published = redis_server.client().xlen(KEYS.frames("cam"))
     print(f"killed workers: {published} frames published, {len(expected)} with a face, {len(events)} events "
-          f"({len(events) - len(by_id)} re-deliveries with the same id), {len(by_id)} distinct")
+          f"({len(events) - len(by_id)} re-deliveries with the same id), {len(by_id)} distinct; killed {dead_detect} "
+          f"holding {held_frames} frames and {dead_classify} holding {held_faces} faces messages; survivors "
+          f"reclaimed {reclaimed}")
     assert {e.seq for e in by_id.values()} == expected
     assert len(expected) >= 50
+    assert sum(v for n, v in reclaimed.items() if n.startswith("detect")) >= held_frames
+    assert sum(v for n, v in reclaimed.items() if n.startswith("classify")) >= held_faces
 
 
 def test_redis_restart_recovers_within_5s(tmp_path: Path, redis_server: RedisServer, model_bundle: Path) -> None:
@@ -110,25 +172,16 @@ def test_redis_restart_recovers_within_5s(tmp_path: Path, redis_server: RedisSer
         time.sleep(3.0)
         redis_server.start()
         back = time.monotonic()
-        wait_for(lambda: len(all_events(redis_server)) >= 3, 30, interval=0.05, what="events after the restart")
+        try:
+            wait_for(lambda: len(all_events(redis_server)) >= 3, 30, interval=0.05, what="events after the restart")
+        except AssertionError as exc:
+            logs = "\n".join(f"--- {svc.name}\n{svc.log()[-3000:]}" for svc in procs.values())
+            raise AssertionError(f"{exc}\n{logs}") from None
         recovery = time.monotonic() - back
         for svc in procs.values():
             assert svc.proc.poll() is None, f"{svc.name} exited:\n{svc.log()[-2000:]}"
         print(f"events flowed again {recovery:.2f}s after Redis came back")
     assert recovery < 5.0
-
-
-def camera_metric(port: int, name: str, camera: str) -> float:
-    """The sample's value; -1 while the endpoint is not up yet."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return -1.0
-    for line in text.splitlines():
-        if line.startswith(f'{name}{{camera="{camera}"}}'):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_rtsp_camera_lost_and_back_while_others_flow(tmp_path: Path, redis_server: RedisServer,
@@ -145,10 +198,11 @@ def test_rtsp_camera_lost_and_back_while_others_flow(tmp_path: Path, redis_serve
                       ES_METRICS__PORT=str(metrics_port)) as procs:
             r = redis_server.client()
             wait_for(lambda: r.xlen(KEYS.frames("rtsp")) >= 5, 60, what="rtsp frames")
-            assert camera_metric(metrics_port, "es_camera_up", "rtsp") == 1.0
+            assert metric(metrics_port, "es_camera_up", camera="rtsp") == 1.0
             rtsp.stop()
             down_at = time.monotonic()
-            wait_for(lambda: camera_metric(metrics_port, "es_camera_up", "rtsp") == 0.0, 15, what="camera down")
+            wait_for(lambda: metric_or(metrics_port, "es_camera_up", -1, camera="rtsp") == 0.0, 15,
+                     what="camera down")
             file_before = r.xlen(KEYS.frames("file"))
             time.sleep(3)
             assert r.xlen(KEYS.frames("file")) >= file_before + 10, "the other camera must keep flowing"
@@ -156,10 +210,10 @@ def test_rtsp_camera_lost_and_back_while_others_flow(tmp_path: Path, redis_serve
             rtsp.port = port
             rtsp.start()
             back_at = time.monotonic()
-            wait_for(lambda: camera_metric(metrics_port, "es_camera_up", "rtsp") == 1.0, 30, what="camera up")
+            wait_for(lambda: metric_or(metrics_port, "es_camera_up", -1, camera="rtsp") == 1.0, 30, what="camera up")
             print(f"camera down detected, reconnected {time.monotonic() - back_at:.2f}s after the server returned "
                   f"({back_at - down_at:.1f}s outage)")
-            assert camera_metric(metrics_port, "es_camera_reconnects_total", "rtsp") >= 1
+            assert metric(metrics_port, "es_camera_reconnects_total", camera="rtsp") >= 1
             assert procs["ingest"].proc.poll() is None
     finally:
         rtsp.stop()
@@ -173,10 +227,10 @@ def test_hung_source_is_caught_by_the_frame_age_watchdog(tmp_path: Path, redis_s
     try:
         with pipeline(tmp_path, redis_server.url, cfg, services=("ingest",),
                       ES_METRICS__PORT=str(metrics_port)) as procs:
-            wait_for(lambda: camera_metric(metrics_port, "es_camera_up", "hang") == 1.0, 30, what="camera up")
-            wait_for(lambda: camera_metric(metrics_port, "es_camera_stalls_total", "hang") >= 1, 20,
+            wait_for(lambda: metric_or(metrics_port, "es_camera_up", -1, camera="hang") == 1.0, 30, what="camera up")
+            wait_for(lambda: metric_or(metrics_port, "es_camera_stalls_total", -1, camera="hang") >= 1, 20,
                      what="watchdog")
-            assert camera_metric(metrics_port, "es_camera_up", "hang") == 0.0
+            assert metric(metrics_port, "es_camera_up", camera="hang") == 0.0
             assert procs["ingest"].proc.poll() is None
     finally:
         server.stop()
@@ -205,22 +259,6 @@ def test_sigterm_drains_and_exits_0_and_a_second_exits_at_once(tmp_path: Path, r
 
 
 
-def metric_sum(port: int, name: str, **labels: str) -> float:
-    """Sum of a metric's samples whose labels include ``labels`` (0 while the endpoint is not up)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return 0.0
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -241,7 +279,7 @@ def test_overload_stays_bounded_and_every_frame_is_counted(tmp_path: Path, redis
         for name, port in ports.items():
             procs[name] = Service(name, tmp_path / "config.yaml",
                                   service_env(redis_server.url, ES_METRICS__PORT=str(port)), tmp_path)
-        wait_for(lambda: metric_sum(ports["classify"], "es_events_total") >= 5, 90, what="first events")
+        wait_for(lambda: metric_or(ports["classify"], "es_events_total", 0) >= 5, 90, what="first events")
         rss_start = {n: rss_kb(p.proc.pid) for n, p in procs.items()}
         lengths = []
         for _ in range(20):  # 20 s of overload
@@ -252,9 +290,9 @@ def test_overload_stays_bounded_and_every_frame_is_counted(tmp_path: Path, redis
         for cam in cams:
             wait_for(lambda c=cam: group_idle(redis_server, KEYS.frames(c["id"]), "detect"), 30, what="detect idle")
         published = sum(decode_frame(r.xrevrange(KEYS.frames(c["id"]), count=1)[0][1][b"m"]).seq + 1 for c in cams)
-        processed = metric_sum(ports["detect"], "es_detect_frames_total")
-        dropped = metric_sum(ports["detect"], "es_frames_dropped_total", stage="detect")
-        stale = metric_sum(ports["detect"], "es_frames_dropped_total", stage="detect", reason="stale")
+        processed = metric(ports["detect"], "es_detect_frames_total")
+        dropped = metric(ports["detect"], "es_frames_dropped_total", stage="detect")
+        stale = metric(ports["detect"], "es_frames_dropped_total", stage="detect", reason="stale")
         p99 = histogram_quantile(ports["classify"], "es_end_to_end_seconds", 0.99)
         latencies = sorted(e.publish_ts - e.capture_ts for e in all_events(redis_server))
         exact_p99 = latencies[int(0.99 * (len(latencies) - 1))]
@@ -285,3 +323,184 @@ def histogram_quantile(port: int, name: str, q: float) -> float:
         if buckets[bound] >= q * total:
             return bound
     return float("inf")
+
+
+def face_entries(n: int, camera: str = "cam") -> list[bytes]:
+    """Faces messages as detect writes them, one real face each."""
+    detector = HaarDetector(DetectorSettings())
+    gray = cv2.cvtColor(render_frames(1)[0], cv2.COLOR_BGR2GRAY)
+    found = detect_and_crop(detector, gray, 0.1)
+    assert found
+    out = []
+    for seq in range(n):
+        msg = FacesMsg(camera=camera, seq=seq, capture_ts=time.time(), detect_ts=time.time(),
+                       size=found[0].crop.shape[0], faces=(FaceCrop(box=found[0].box, crop=found[0].crop.tobytes()),))
+        out.append(encode_faces(msg))
+    return out
+
+
+def consumer_pending(server: RedisServer, stream: str, group: str, consumer: str) -> int:
+    info = server.client().xpending(stream, group)
+    return next((int(c["pending"]) for c in info["consumers"] if c["name"].decode() == consumer), 0)
+
+
+def test_sigterm_publishes_the_faces_waiting_in_a_batch(tmp_path: Path, redis_server: RedisServer,
+                                                        model_bundle: Path) -> None:
+    cfg = base_config(model_bundle, [])
+    # Faces wait for a full batch (or 8 s): at SIGTERM they are in flight, read and unacked.
+    cfg["classify"].update({"eager": False, "max_batch": 64, "max_wait_ms": 8000})
+    cfg["streams"] = {**FAST_RECOVERY, "claim_idle_ms": 30_000}
+    r = redis_server.client()
+    with pipeline(tmp_path, redis_server.url, cfg, services=("classify",)) as procs:
+        wait_for(lambda: r.exists(KEYS.faces) and r.xinfo_groups(KEYS.faces), 60, what="classify's group")
+        for payload in face_entries(5):
+            r.xadd(KEYS.faces, {FIELD: payload})
+        wait_for(lambda: consumer_pending(redis_server, KEYS.faces, "classify", "classify-test") == 5, 30,
+                 what="five faces waiting in the batch")
+        assert r.xlen(KEYS.events) == 0
+        procs["classify"].proc.send_signal(signal.SIGTERM)
+        assert procs["classify"].proc.wait(15) == 0, procs["classify"].log()[-2000:]
+    assert sorted(e.seq for e in all_events(redis_server)) == [0, 1, 2, 3, 4]
+    assert group_idle(redis_server, KEYS.faces, "classify")
+
+
+def test_sigterm_finishes_the_frames_detect_holds(tmp_path: Path, redis_server: RedisServer,
+                                                  model_bundle: Path) -> None:
+    cfg = base_config(model_bundle, [])
+    cfg["detect"] = {"max_frame_age_s": 600, "read_count": 8}
+    r = redis_server.client()
+    frames = render_frames(8)
+    r.sadd(KEYS.cameras, "cam")
+    with pipeline(tmp_path, redis_server.url, cfg, services=("detect",)) as procs:
+        wait_for(lambda: r.exists(KEYS.frames("cam")) and r.xinfo_groups(KEYS.frames("cam")), 60,
+                 what="detect's group")
+        for seq, image in enumerate(frames):
+            jpeg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))[1].tobytes()
+            msg = FrameMsg(camera="cam", seq=seq, capture_ts=time.time(), width=image.shape[1],
+                           height=image.shape[0], jpeg=jpeg)
+            r.xadd(KEYS.frames("cam"), {FIELD: encode_frame(msg)})
+        proc = procs["detect"].proc
+        # Freeze detect while it holds frames, ask it to stop, and let it go on.
+        deadline = time.monotonic() + 30
+        while True:
+            proc.send_signal(signal.SIGSTOP)
+            if consumer_pending(redis_server, KEYS.frames("cam"), "detect", "detect-test"):
+                break
+            proc.send_signal(signal.SIGCONT)
+            assert time.monotonic() < deadline, "detect never held a frame"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGCONT)
+        assert proc.wait(15) == 0, procs["detect"].log()[-2000:]
+    info = r.xinfo_groups(KEYS.frames("cam"))[0]
+    assert info["pending"] == 0, "every frame detect held was finished before it exited"
+    faces = [decode_faces(e.payload or b"").seq for e in parse_read([(KEYS.faces, r.xrange(KEYS.faces))])]
+    assert len(faces) == int(info["entries-read"]) and len(faces) >= 1
+
+
+def test_backpressure_drops_are_counted_when_detect_falls_behind(tmp_path: Path, redis_server: RedisServer,
+                                                                 model_bundle: Path) -> None:
+    video = write_video(tmp_path / "clip.mp4", render_frames(20), fps=20)
+    cfg = base_config(model_bundle, [{"id": "cam", "url": str(video), "fps": 20, "loop": True}])
+    cfg["ingest"] = {"stream_maxlen": 60, "backpressure_lag": 20}
+    r = redis_server.client()
+    r.xgroup_create(KEYS.frames("cam"), "detect", id="0", mkstream=True)  # a detect group nobody reads for
+    port = free_port()
+    with pipeline(tmp_path, redis_server.url, cfg, services=("ingest",), ES_METRICS__PORT=str(port)):
+        wait_for(lambda: metric_or(port, "es_frames_dropped_total", 0, reason="backpressure") >= 20, 60,
+                 what="backpressure drops")
+        published = metric(port, "es_frames_published_total", camera="cam")
+        read = metric(port, "es_frames_read_total", camera="cam")
+        dropped = metric(port, "es_frames_dropped_total", camera="cam")
+        length = r.xlen(KEYS.frames("cam"))
+    print(f"backpressure: read {read:.0f}, published {published:.0f}, dropped {dropped:.0f}, stream length {length}")
+    assert length < 60, "ingest stopped before MAXLEN had to trim unread frames"
+    # The lag is looked at twice a second: up to half a second of frames (10) may pass the limit.
+    assert 20 <= published <= 20 + 10 + 1
+    assert read - published - dropped <= 1  # one frame may be between the two counters
+
+
+def test_redis_out_of_memory_keeps_the_camera_supervised_and_ingest_ends_at_end_of_file(
+        tmp_path: Path, model_bundle: Path) -> None:
+    server = RedisServer(["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"]).start()
+    try:
+        video = write_video(tmp_path / "clip.mp4", render_frames(40), fps=20)
+        cfg = base_config(model_bundle, [{"id": "cam", "url": str(video), "fps": 20}])
+        cfg["ingest"] = {"stream_maxlen": 5000, "backpressure_lag": 4000, "jpeg_quality": 95, "grayscale": False}
+        port = free_port()
+        with pipeline(tmp_path, server.url, cfg, services=("ingest",), ES_METRICS__PORT=str(port)) as procs:
+            wait_for(lambda: metric_or(port, "es_frames_dropped_total", 0, reason="redis_oom") >= 5, 60,
+                     what="frames dropped as redis_oom")
+            assert metric(port, "es_camera_up", camera="cam") == 1.0, "the camera is still read"
+            assert endpoint_ok(port, "/healthz")
+            oom = metric(port, "es_frames_dropped_total", camera="cam", reason="redis_oom")
+            assert procs["ingest"].proc.wait(90) == 0, "ingest ends at the end of the file"
+            log = procs["ingest"].log()
+    finally:
+        server.stop()
+    print(f"out of memory: {oom:.0f} frames dropped as redis_oom while the camera stayed up")
+    assert "Traceback" not in log, log[-3000:]
+
+
+def test_dynamic_cameras_come_back_after_redis_lost_its_data(tmp_path: Path, redis_server: RedisServer,
+                                                             model_bundle: Path) -> None:
+    video = write_video(tmp_path / "clip.mp4", render_frames(20), fps=10)
+    cfg = base_config(model_bundle, [{"id": "cam", "url": str(video), "fps": 10, "loop": True}])
+    cfg["ingest"] = {"dynamic": True, "lease_s": 2.0, "refresh_s": 0.5}
+    r = redis_server.client()
+    with pipeline(tmp_path, redis_server.url, cfg) as procs:
+        wait_for(lambda: len(all_events(redis_server)) >= 5, 90, what="events before the data loss")
+        redis_server.stop()
+        redis_server.start()  # empty: no persistence
+        wait_for(lambda: r.exists(KEYS.events) and len(all_events(redis_server)) >= 5, 60,
+                 what="events after Redis came back empty")
+        assert r.hexists("es:camera-config", "cam"), "the registry was seeded again from the file"
+        for svc in procs.values():
+            assert svc.proc.poll() is None, f"{svc.name} exited:\n{svc.log()[-2000:]}"
+
+
+def test_up_ends_at_the_end_of_input_when_redis_is_out_of_memory(tmp_path: Path, model_bundle: Path) -> None:
+    server = RedisServer(["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"]).start()
+    try:
+        video = write_video(tmp_path / "clip.mp4", render_frames(60), fps=10)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ES_") and k != "REDIS_URL"}
+        result = subprocess.run(
+            [sys.executable, "-m", "shared.cli", "up", "--input", str(video), "--redis-url", server.url,
+             "--model", str(model_bundle), "--fps", "10", "--no-web", "--logs", str(tmp_path / "logs")],
+            cwd=REPO, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=240)
+    finally:
+        server.stop()
+    ingest_log = (tmp_path / "logs" / "ingest.log").read_text()
+    print(result.stderr[-600:])
+    assert "redis_oom" in ingest_log, "frames refused by Redis are dropped and counted as redis_oom"
+    assert "Traceback" not in ingest_log
+    # Either everything still drained, or up gave up on the stalled pipeline with a reason.
+    assert (result.returncode == 0 and "all inputs processed" in result.stderr) or (
+        result.returncode == 1 and "made no progress" in result.stderr), result.stderr[-2000:]
+
+
+def test_up_waits_out_an_external_redis_restart_and_ends_at_the_end_of_input(tmp_path: Path,
+                                                                            model_bundle: Path) -> None:
+    server = RedisServer().start()  # no persistence: it comes back empty, as after a crash
+    out = tmp_path / "events.jsonl"
+    try:
+        video = write_video(tmp_path / "clip.mp4", render_frames(120), fps=10)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ES_") and k != "REDIS_URL"}
+        with out.open("w") as sink:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "shared.cli", "up", "--input", str(video), "--redis-url", server.url,
+                 "--model", str(model_bundle), "--fps", "10", "--no-web", "--json"],
+                cwd=REPO, env={**env, "PYTHONPATH": str(REPO)}, stdout=sink, stderr=subprocess.PIPE, text=True)
+            wait_for(lambda: len(out.read_text().splitlines()) >= 5, 120, what="events before the restart")
+            server.stop()
+            time.sleep(3.0)
+            server.start()
+            before = len(out.read_text().splitlines())
+            _, err = proc.communicate(timeout=180)
+    finally:
+        server.stop()
+    after = len(out.read_text().splitlines())
+    print(f"up across a Redis restart: {before} events before it came back, {after} in all")
+    assert proc.returncode == 0 and "all inputs processed" in err, err[-3000:]
+    assert "Traceback" not in err
+    assert after > before, "events flowed again after the restart"

@@ -1,4 +1,5 @@
-"""The emotion model: architecture size, a short real training run, the evaluation command,
+"""The emotion model: architecture size, a short real training run, soft training targets
+(distillation, FER+ votes, mixup), the evaluation command, calibration (temperature, ECE),
 agreement of the two runtimes, and the shipped model's accuracy floor."""
 
 from __future__ import annotations
@@ -6,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +17,17 @@ import cv2
 import numpy as np
 import pytest
 
-from services.classify.datasets import default_fer_dir
-from shared.classifier import load_classifier
-from shared.model_bundle import DEFAULT_BUNDLE, FER2013_CLASSES, META_FILE, TFLITE_INT8_FILE
+from services.classify.datasets import FaceSet, default_fer_dir, load_ferplus
+from services.classify.evaluate import expected_calibration_error, reliability
+from shared.classifier import apply_temperature, fit_temperature, load_classifier, views_key
+from shared.model_bundle import (
+    DEFAULT_BUNDLE,
+    FER2013_CLASSES,
+    META_FILE,
+    TFLITE_INT8_FILE,
+    BundleError,
+    read_meta,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FER_DIR = default_fer_dir()
@@ -141,6 +151,77 @@ def test_short_training_run_beats_chance(tmp_path: Path) -> None:
     assert int8_accuracy > SHORT_RUN_FLOOR, f"int8 accuracy {int8_accuracy:.4f}"
 
 
+# --- soft training targets: distillation, FER+ votes, mixup ----------------------------------
+
+
+@needs_tf
+def test_mix_targets_blend_label_teacher_and_votes() -> None:
+    from services.classify.train import mix_targets
+
+    labels = np.array([0, 2, 1])
+    teacher = np.array([[0.5, 0.5, 0.0], [0.2, 0.2, 0.6], [0.0, 1.0, 0.0]], np.float32)
+    votes = np.array([[0, 6, 2], [0, 0, 0], [1, 1, 0]], np.float32)  # raw counts; row 1 has no votes
+    target = mix_targets(labels, 3, [(0.5, teacher), (0.2, votes)])
+    np.testing.assert_allclose(target.sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(target[0], 0.3 * np.eye(3)[0] + 0.5 * teacher[0] + 0.2 * np.array([0, 0.75, 0.25]),
+                               atol=1e-6)
+    np.testing.assert_allclose(target[1], 0.5 * np.eye(3)[2] + 0.5 * teacher[1], atol=1e-6)  # label stands in
+    np.testing.assert_allclose(target[2], 0.3 * np.eye(3)[1] + 0.5 * teacher[2] + 0.2 * np.array([0.5, 0.5, 0]),
+                               atol=1e-6)
+    np.testing.assert_array_equal(mix_targets(labels, 3, []), np.eye(3, dtype=np.float32)[labels])
+
+
+def test_ferplus_votes_fold_onto_the_fer2013_classes(tmp_path: Path) -> None:
+    votes = np.zeros((3, 10), np.uint8)
+    votes[0] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]  # neutral .. fear, then contempt, unknown, not a face
+    votes[1] = [0, 0, 0, 0, 0, 0, 0, 3, 3, 4]  # nothing that maps to a FER2013 class
+    votes[2, 1] = 9
+    path = tmp_path / "votes.npz"
+    np.savez(path, votes=votes, matched=np.array([True, True, False]))
+    folded = load_ferplus(path)
+    # FER2013 order: Angry, Disgust, Fear, Happy, Sad, Surprise, Neutral
+    np.testing.assert_array_equal(folded[0], [5, 6, 7, 2, 4, 3, 1])
+    np.testing.assert_array_equal(folded[1], np.zeros(7))
+    np.testing.assert_array_equal(folded[2], np.zeros(7))  # unmatched: no votes, whatever the array holds
+
+
+@needs_tf
+def test_mixup_blends_faces_and_targets_alike() -> None:
+    from services.classify.train import mixup
+
+    images = np.stack([np.full((4, 4, 1), v, np.float32) for v in (0.0, 100.0, 200.0)])
+    targets = np.eye(3, dtype=np.float32)
+    mixed, mixed_targets = (np.asarray(t) for t in mixup(images, targets, 0.4, seed=3))
+    np.testing.assert_allclose(mixed_targets.sum(axis=1), 1.0, atol=1e-6)
+    # Face i is blended with face n-1-i, its own share (>= 0.5) read back from the pixels.
+    own = 1.0 - mixed[0, 0, 0, 0] / 200.0
+    assert own >= 0.5
+    np.testing.assert_allclose(mixed_targets[0], [own, 0.0, 1.0 - own], atol=1e-5)
+    np.testing.assert_allclose(mixed[1], images[1], atol=1e-4)  # the middle face meets itself
+
+
+@needs_tf
+def test_teacher_probabilities_are_the_served_mean_and_cached(dev_or_shipped_bundle: Path, tmp_path: Path) -> None:
+    from services.classify.train import teacher_probabilities
+    from shared.classifier import DEFAULT_ZOOM_TTA
+
+    faces, labels = _faces(20, seed=4)
+    data = FaceSet(np.ascontiguousarray(_upscale(faces, 64)), labels, FER2013_CLASSES)
+    cache = tmp_path / "teacher.npz"
+    probs = teacher_probabilities(dev_or_shipped_bundle, data, cache)
+    served = load_classifier(dev_or_shipped_bundle, "litert", flip_tta=True, zoom_tta=DEFAULT_ZOOM_TTA)
+    np.testing.assert_allclose(probs, served.predict_raw(data.images), atol=1e-5)
+    assert cache.exists()
+    # A cache for the same teacher and faces is read back, not recomputed.
+    version = np.asarray(read_meta(dev_or_shipped_bundle).version)
+    np.savez(cache, probs=np.full_like(probs, 1 / 7), labels=labels, version=version)
+    np.testing.assert_allclose(teacher_probabilities(dev_or_shipped_bundle, data, cache), 1 / 7)
+    # Other labels (another data set or order): recomputed.
+    other = FaceSet(data.images, (labels + 1) % 7, FER2013_CLASSES)
+    np.testing.assert_allclose(teacher_probabilities(dev_or_shipped_bundle, other, cache), probs, atol=1e-5)
+
+
+
 # --- evaluation command -------------------------------------------------------------------
 
 
@@ -235,6 +316,132 @@ def test_evaluate_bad_arrays_exit_2(dev_or_shipped_bundle: Path, tmp_path: Path,
     assert str(bad) in proc.stderr and problem in proc.stderr
 
 
+# --- calibration ----------------------------------------------------------------------------
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_ece_on_a_constructed_example() -> None:
+    # Two faces at confidence 0.9 (one right): bin (0.867, 0.933], gap 0.4. Two at 0.58 (both
+    # right): bin (0.533, 0.6], gap 0.42. Each bin holds half the faces.
+    probs = np.array([[0.9, 0.1, 0.0], [0.9, 0.1, 0.0], [0.42, 0.58, 0.0], [0.0, 0.42, 0.58]], np.float32)
+    labels = np.array([0, 1, 1, 2])
+    assert expected_calibration_error(probs, labels) == pytest.approx(0.5 * 0.4 + 0.5 * 0.42, abs=1e-6)
+    rel = reliability(probs, labels)
+    assert rel.counts.sum() == 4 and rel.counts[13] == 2 and rel.counts[8] == 2
+    assert rel.accuracy[13] == pytest.approx(0.5) and rel.confidence[8] == pytest.approx(0.58)
+    # A face of confidence 1 falls in the last bin; confidences matching accuracies give 0.
+    ones = np.eye(3, dtype=np.float32)
+    assert expected_calibration_error(ones, np.arange(3)) == 0.0
+    assert reliability(ones, np.arange(3)).counts[14] == 3
+
+
+def test_apply_temperature_divides_the_logits() -> None:
+    logits = np.random.default_rng(0).normal(size=(50, 7)) * 3
+    probs = _softmax(logits).astype(np.float32)
+    np.testing.assert_array_equal(apply_temperature(probs, 1.0), probs)
+    for t in (0.5, 2.0):
+        scaled = apply_temperature(probs, t)
+        np.testing.assert_allclose(scaled, _softmax(logits / t), atol=1e-5)
+        np.testing.assert_array_equal(scaled.argmax(axis=1), probs.argmax(axis=1))
+    assert (apply_temperature(probs, 2.0).max(axis=1) < probs.max(axis=1)).all()  # softer
+    assert (apply_temperature(probs, 0.5).max(axis=1) > probs.max(axis=1)).all()  # sharper
+
+
+def test_fit_temperature_recovers_the_temperature_labels_were_drawn_at() -> None:
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(20_000, 7)) * 2.5
+    truth = _softmax(logits / 2.0)  # the model is overconfident by a factor 2
+    labels = np.array([rng.choice(7, p=row) for row in truth])
+    probs = _softmax(logits).astype(np.float32)
+    fitted = fit_temperature(probs, labels)
+    assert fitted == pytest.approx(2.0, rel=0.05)
+    before = expected_calibration_error(probs, labels)
+    after = expected_calibration_error(apply_temperature(probs, fitted), labels)
+    assert after < 0.02 < before
+
+
+def test_views_key_names_each_set_of_views() -> None:
+    assert views_key(False, ()) == "single"
+    assert views_key(True, ()) == "flip"
+    assert views_key(True, (0.9, 1.1)) == "flip+zoom0.9,1.1"
+    assert views_key(False, (0.9,)) == "zoom0.9"
+
+
+def _bundle_with_temperatures(source: Path, target: Path, temperatures: dict[str, float]) -> Path:
+    shutil.copytree(source, target)
+    meta = json.loads((target / META_FILE).read_text())
+    meta["temperatures"] = temperatures
+    (target / META_FILE).write_text(json.dumps(meta))
+    return target
+
+
+def test_classifier_applies_the_bundle_temperature_after_averaging_views(dev_or_shipped_bundle: Path,
+                                                                         tmp_path: Path) -> None:
+    temps = {"single": 2.0, "flip+zoom0.9,1.1": 0.5}
+    bundle = _bundle_with_temperatures(dev_or_shipped_bundle, tmp_path / "b", temps)
+    faces, _ = _faces(30, seed=6)
+    crops = np.ascontiguousarray(_upscale(faces, 64))
+    single = load_classifier(bundle, "litert")
+    raw = single.predict_raw(crops)
+    np.testing.assert_allclose(single.predict(crops), apply_temperature(raw, 2.0), atol=1e-6)
+    assert not np.allclose(single.predict(crops), raw, atol=1e-3)
+    served = load_classifier(bundle, "litert", flip_tta=True, zoom_tta=(0.9, 1.1))
+    mean = served.predict_views(crops).mean(axis=0)  # temperature on the mean, not on each view
+    np.testing.assert_allclose(served.predict(crops), apply_temperature(mean, 0.5), atol=1e-5)
+    flip = load_classifier(bundle, "litert", flip_tta=True)  # no temperature stored for flip only
+    np.testing.assert_allclose(flip.predict(crops), flip.predict_raw(crops), atol=1e-7)
+    single.temperature = 1.0  # an explicit temperature overrides the bundle's
+    np.testing.assert_allclose(single.predict(crops), raw, atol=1e-7)
+    assert read_meta(bundle).temperatures == temps
+
+
+@pytest.mark.parametrize("bad", [{"single": -1.0}, {"single": "1"}, ["single"], {"single": True}])
+def test_bundle_rejects_bad_temperatures(dev_or_shipped_bundle: Path, tmp_path: Path, bad: Any) -> None:
+    bundle = _bundle_with_temperatures(dev_or_shipped_bundle, tmp_path / "b", bad)
+    with pytest.raises(BundleError, match="temperatures"):
+        read_meta(bundle)
+
+
+@needs_tf
+def test_fit_store_and_report_calibration(dev_or_shipped_bundle: Path, eval_files: tuple[Path, Path],
+                                          tmp_path: Path) -> None:
+    """export --temperature stores a temperature per view set; evaluate reports ECE before and
+    after it for each view set and draws the reliability diagram."""
+    small, large = eval_files
+    bundle = tmp_path / "b"
+    shutil.copytree(dev_or_shipped_bundle, bundle)
+    fit = _run_module("services.classify.export", str(bundle), "--temperature", "--val", str(large))
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    meta = read_meta(bundle)
+    keys = {"single", "flip", "flip+zoom0.9,1.1"}
+    assert set(meta.temperatures) == keys and all(t > 0 for t in meta.temperatures.values())
+    assert meta.extra["calibration"]["fitted_on"] == large.name
+
+    png = tmp_path / "rel.png"
+    proc = _run_module("services.classify.evaluate", str(small), "--model", str(bundle), "--runtime", "litert",
+                       "--flip-tta", "--zoom-tta", "--reliability-png", str(png))
+    assert proc.returncode == 0, proc.stderr
+    summary = _last_json(proc.stdout)
+    assert summary["ece_bins"] == 15 and set(summary["calibration"]) == keys
+    with np.load(small) as data:
+        images, labels = data["images"], data["labels"].astype(np.int64)
+    served = load_classifier(bundle, "litert", flip_tta=True, zoom_tta=(0.9, 1.1))
+    raw = served.predict_raw(images)
+    report = summary["calibration"]["flip+zoom0.9,1.1"]
+    assert report["temperature"] == meta.temperatures["flip+zoom0.9,1.1"]
+    assert report["ece"] == pytest.approx(expected_calibration_error(raw, labels), abs=1e-6)
+    assert report["ece_calibrated"] == pytest.approx(expected_calibration_error(served.predict(images), labels),
+                                                     abs=1e-6)
+    assert summary["flip_zoom_tta"]["accuracy"] == pytest.approx(np.mean(raw.argmax(axis=1) == labels))
+    assert summary["flip_tta"]["accuracy"] >= 0  # flip only comes free with the served views
+    assert cv2.imread(summary["reliability_png"]) is not None
+
+
+
 # --- runtimes -----------------------------------------------------------------------------
 
 
@@ -282,8 +489,8 @@ def test_flip_tta_averages_each_face_with_its_mirror(dev_or_shipped_bundle: Path
     plain = load_classifier(dev_or_shipped_bundle, "litert")
     tta = load_classifier(dev_or_shipped_bundle, "litert", flip_tta=True)
     crops = np.random.default_rng(5).integers(0, 256, (70, 64, 64), dtype=np.uint8)
-    expected = (plain.predict(crops) + plain.predict(np.ascontiguousarray(crops[:, :, ::-1]))) / 2
-    np.testing.assert_allclose(tta.predict(crops), expected, atol=1e-6)
+    expected = (plain.predict_raw(crops) + plain.predict_raw(np.ascontiguousarray(crops[:, :, ::-1]))) / 2
+    np.testing.assert_allclose(tta.predict_raw(crops), expected, atol=1e-6)
 
 
 def test_zoom_tta_averages_the_zoomed_views_and_their_mirrors(dev_or_shipped_bundle: Path) -> None:
@@ -297,8 +504,11 @@ def test_zoom_tta_averages_the_zoomed_views_and_their_mirrors(dev_or_shipped_bun
     crops = np.ascontiguousarray(resize_faces(faces, 64))  # the classifier zooms at its input size
     views = [crops, zoom_faces(crops, 0.9), zoom_faces(crops, 1.1)]
     views += [np.ascontiguousarray(v[:, :, ::-1]) for v in views]
-    expected = np.mean([plain.predict(v) for v in views], axis=0)
-    np.testing.assert_allclose(tta.predict(crops), expected, atol=1e-5)
+    expected = np.mean([plain.predict_raw(v) for v in views], axis=0)
+    np.testing.assert_allclose(tta.predict_raw(crops), expected, atol=1e-5)
+    per_view = tta.predict_views(crops)  # (views, faces, classes), in the order built above
+    assert per_view.shape == (6, 40, len(FER2013_CLASSES))
+    np.testing.assert_allclose(per_view[4], plain.predict_raw(views[4]), atol=1e-5)
     zoomed = zoom_faces(crops, 1.1)
     assert zoomed.shape == crops.shape and not np.array_equal(zoomed, crops)
     np.testing.assert_array_equal(zoom_faces(crops, 1.0), crops)

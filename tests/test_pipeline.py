@@ -66,10 +66,10 @@ def happy_faces(bundle: Path, want: int) -> list[np.ndarray]:
     clf = load_classifier(bundle, "litert", flip_tta=DEFAULT_FLIP_TTA)
     if "Happy" not in clf.classes:
         pytest.skip("model has no Happy class")
-    detector = HaarDetector(DetectorSettings())
     with np.load(FER_DIR / "publictest.npz") as data:
         faces = data["images"][data["labels"] == 3][:200]
-    chosen = []
+    detector = HaarDetector(DetectorSettings())
+    chosen: list[np.ndarray] = []
     for face in faces:
         frame = face_frame(face)
         found = detect_and_crop(detector, frame, 0.1)
@@ -81,6 +81,11 @@ def happy_faces(bundle: Path, want: int) -> list[np.ndarray]:
         if len(chosen) == want:
             return chosen
     pytest.skip(f"model calls only {len(chosen)} of 200 Happy faces Happy with p > 0.8")
+
+
+def pasted(events: list[EventMsg]) -> list[EventMsg]:
+    """Events of faces the size of the pasted 240-px face (not a few-pixel false hit)."""
+    return [e for e in events if e.box.w >= 120]
 
 
 def face_frame(face: np.ndarray) -> np.ndarray:
@@ -95,9 +100,16 @@ def test_file_camera_with_happy_faces_yields_happy_events(tmp_path: Path, redis_
     frames = happy_faces(model_bundle, 8)
     video = write_video(tmp_path / "happy.mp4", frames, fps=10)
     cams = [{"id": "lobby", "url": str(video), "fps": 10}]
-    with pipeline(tmp_path, redis_server.url, config(model_bundle, cams)) as procs:
-        events = collect(redis_server, lambda evs: len(evs) >= 8, 90, procs)
+    cfg = config(model_bundle, cams)
+    # Eight faces cut in one after another where the last one was, each chosen because Haar
+    # finds it in a whole frame: searched whole, as chosen (this checks classification through
+    # the pipeline; the motion-gated path has its own tests).
+    cfg["detector"] = {"motion": {"enabled": False}}
+    with pipeline(tmp_path, redis_server.url, cfg) as procs:
+        events = collect(redis_server, lambda evs: len(pasted(evs)) >= 8, 90, procs)
         assert procs["ingest"].proc.wait(30) == 0, "ingest should end at the end of the file"
+    # Video compression can add a small false face on a frame; the pasted faces are the test.
+    events = pasted(events)
     assert [e.label for e in events] == ["Happy"] * 8
     meta = read_meta(model_bundle)
     for e in events:

@@ -204,3 +204,36 @@ def test_detector_options_are_validated(media: dict[str, Path]) -> None:
     with pytest.raises(SystemExit) as exc:
         cli.main(["--input", str(media["face"]), "--scale-factor", "0.9"])
     assert exc.value.code == 2
+
+
+def _stderr_on_a_terminal(*args: str) -> str:
+    """Run the CLI with stderr on a pseudo-terminal (as a person at a shell has it); what it wrote there."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, str(SCRIPT), *args], stdout=subprocess.DEVNULL, stderr=slave,
+                              cwd=REPO, timeout=300)
+    finally:
+        os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the terminal's other end is closed and everything was read
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.returncode == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_long_video_shows_progress_on_a_terminal_but_not_with_json(tmp_path: Path, model_bundle: Path) -> None:
+    video = write_video(tmp_path / "long.mp4", render_frames(120, 640, 480), FPS)
+    shown = _stderr_on_a_terminal("--input", str(video), "--no-motion", *model_args(model_bundle))
+    assert re.search(r"frames \d+/120 \(\d+%\), [\d.]+ frames/s, ETA \d+:\d\d", shown), shown[-500:]
+    quiet = _stderr_on_a_terminal("--input", str(video), "--no-motion", "--json", *model_args(model_bundle))
+    assert "ETA" not in quiet

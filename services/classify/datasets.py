@@ -13,6 +13,9 @@ from shared.imaging import resize_face, resize_faces
 from shared.model_bundle import FER2013_CLASSES
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".webp"}
+# FER+ vote columns (neutral, happiness, surprise, sadness, anger, disgust, fear, contempt, unknown,
+# not a face) -> FER2013 class index; the last three have no FER2013 class.
+FERPLUS_TO_FER2013 = (6, 3, 5, 4, 0, 1, 2, None, None, None)
 
 
 class DatasetError(ValueError):
@@ -29,6 +32,31 @@ class FaceSet:
 def default_fer_dir() -> Path:
     """../shared/data/fer2013 beside the repository."""
     return Path(__file__).resolve().parents[3] / "shared" / "data" / "fer2013"
+
+
+def default_ferplus_dir() -> Path:
+    """../shared/data/ferplus beside the repository (FER+ votes row-aligned with the FER2013 files)."""
+    return default_fer_dir().parent / "ferplus"
+
+
+def load_ferplus(path: Path) -> npt.NDArray[np.float32]:
+    """FER+ vote counts folded onto the 7 FER2013 classes, (N, 7); rows of unmatched images are 0."""
+    try:
+        with np.load(path) as data:
+            votes = np.asarray(data["votes"], dtype=np.float32)
+            matched = np.asarray(data["matched"], dtype=bool)
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{path}: no such file") from exc
+    except KeyError as exc:
+        raise DatasetError(f"{path}: needs arrays 'votes' and 'matched' ({exc} missing)") from exc
+    if votes.ndim != 2 or votes.shape[1] != len(FERPLUS_TO_FER2013) or matched.shape != (len(votes),):
+        raise DatasetError(f"{path}: 'votes' must be (N, {len(FERPLUS_TO_FER2013)}), got {votes.shape}")
+    folded = np.zeros((len(votes), len(FER2013_CLASSES)), dtype=np.float32)
+    for column, cls in enumerate(FERPLUS_TO_FER2013):
+        if cls is not None:
+            folded[:, cls] += votes[:, column]
+    folded[~matched] = 0.0
+    return folded
 
 
 def load_npz(path: Path, classes: tuple[str, ...] = FER2013_CLASSES, size: int = 64) -> FaceSet:

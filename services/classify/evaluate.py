@@ -1,10 +1,13 @@
-"""Score a model bundle on labelled face sets: accuracy, per-class recall, confusion matrix.
+"""Score a model bundle on labelled face sets: accuracy, per-class recall, confusion matrix,
+and calibration (expected calibration error before and after the bundle's temperature).
 
-    python -m services.classify.evaluate ../shared/data/fer2013/publictest.npz --flip-tta
+    python -m services.classify.evaluate ../shared/data/fer2013/publictest.npz --flip-tta --zoom-tta
 
 Each .npz holds ``images`` (uint8 N x S x S grey, any S) and ``labels`` (indices into the
 bundle's classes: FER2013 order for the shipped model). Faces are resized exactly as the
-classify service resizes them. The last line on stdout is one JSON object covering all files.
+classify service resizes them. Figures are given for the single view, with ``--flip-tta`` also
+for the mean with the mirror image, and with ``--zoom-tta`` also for the served 6 views. The
+last line on stdout is one JSON object covering all files.
 """
 
 from __future__ import annotations
@@ -23,10 +26,19 @@ import numpy as np
 import numpy.typing as npt
 
 from services.classify.datasets import DatasetError, FaceSet, load_npz
-from shared.classifier import DEFAULT_ZOOM_TTA, RUNTIMES, Classifier, load_classifier
+from shared.classifier import (
+    DEFAULT_ZOOM_TTA,
+    RUNTIMES,
+    Classifier,
+    apply_temperature,
+    load_classifier,
+    nll,
+    views_key,
+)
 from shared.model_bundle import DEFAULT_BUNDLE, BundleError, BundleMeta, read_meta
 
 EXIT_USAGE = 2
+ECE_BINS = 15
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float32]
 
@@ -41,12 +53,32 @@ class Scores:
 
 @dataclass(frozen=True)
 class Predictions:
-    """Labels and predicted classes of one file; ``flipped`` is set with flip TTA."""
+    """Labels and uncalibrated probabilities of one file, per set of views (``views_key`` names:
+    ``single`` always, then ``flip`` and ``flip+zoom...`` as asked for)."""
 
     path: Path
     labels: IntArray
-    plain: IntArray
-    flipped: IntArray | None
+    probs: dict[str, FloatArray]
+
+    @property
+    def plain(self) -> IntArray:
+        return self.probs["single"].argmax(axis=1).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """Confidence bins: faces per bin, their mean confidence and their accuracy (0 when empty)."""
+
+    counts: IntArray
+    confidence: FloatArray
+    accuracy: FloatArray
+
+    @property
+    def ece(self) -> float:
+        total = int(self.counts.sum())
+        if total == 0:
+            return 0.0
+        return float(np.sum(self.counts * np.abs(self.accuracy - self.confidence)) / total)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -62,6 +94,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zoom-tta", action="store_true",
                    help="with --flip-tta: the second score also averages views zoomed by "
                         + ", ".join(map(str, DEFAULT_ZOOM_TTA)) + " (as the classify service serves)")
+    p.add_argument("--reliability-png", type=Path, default=None,
+                   help="write a reliability diagram (before and after calibration) for the widest set of "
+                        "views asked for (one per file, like --confusion-png)")
     p.add_argument("--confusion-png", type=Path, default=None,
                    help="write the confusion matrix as an image (one per file: the file's stem is appended "
                         "when several are given)")
@@ -94,22 +129,58 @@ def _load_one(path: Path, meta: BundleMeta) -> FaceSet:
         raise DatasetError(f"{path}: not a readable .npz file ({exc})") from exc
 
 
-def predict_proba(clf: Classifier, images: npt.NDArray[np.uint8], batch_size: int) -> FloatArray:
-    parts = [clf.predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
-    return np.concatenate(parts).astype(np.float32, copy=False)
+def view_sets(flip_tta: bool, zoom_tta: tuple[float, ...]) -> list[str]:
+    """The view sets scored: the single view, then flip, then flip + zoom (as far as asked)."""
+    keys = ["single"]
+    if flip_tta:
+        keys.append(views_key(True, ()))
+        if zoom_tta:
+            keys.append(views_key(True, zoom_tta))
+    return keys
 
 
 def predict_set(clf: Classifier, path: Path, faces: FaceSet, batch_size: int, flip_tta: bool,
                 zoom_tta: tuple[float, ...] = ()) -> Predictions:
-    probs = predict_proba(clf, faces.images, batch_size)
-    flipped = None
+    """Every view is run once; the single, flip and flip + zoom means are taken from them."""
+    clf.flip_tta, clf.zoom_tta = flip_tta, zoom_tta if flip_tta else ()
+    try:
+        views = np.concatenate([clf.predict_views(faces.images[i:i + batch_size])
+                                for i in range(0, len(faces.images), batch_size)], axis=1)
+    finally:
+        clf.flip_tta, clf.zoom_tta = False, ()
+    probs = {"single": views[0]}
     if flip_tta:
-        clf.flip_tta, clf.zoom_tta = True, zoom_tta
-        try:
-            flipped = predict_proba(clf, faces.images, batch_size).argmax(axis=1).astype(np.int64)
-        finally:
-            clf.flip_tta, clf.zoom_tta = False, ()
-    return Predictions(path, faces.labels, probs.argmax(axis=1).astype(np.int64), flipped)
+        mirror = len(views) // 2  # the mirror images follow the unflipped views in the same order
+        probs[views_key(True, ())] = (views[0] + views[mirror]) / 2
+        if zoom_tta:
+            probs[views_key(True, zoom_tta)] = views.mean(axis=0)
+    return Predictions(path, faces.labels, {k: np.asarray(v, dtype=np.float32) for k, v in probs.items()})
+
+
+def reliability(probs: FloatArray, labels: IntArray, bins: int = ECE_BINS) -> Reliability:
+    """Faces binned by confidence (the top probability) into ``bins`` equal-width bins, each
+    bin (lower, upper]; the expected calibration error is the count-weighted mean gap between
+    a bin's accuracy and its mean confidence."""
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    counts = np.bincount(index, minlength=bins)
+    safe = np.maximum(counts, 1)
+    mean_conf = np.bincount(index, weights=confidence, minlength=bins) / safe
+    accuracy = np.bincount(index, weights=correct, minlength=bins) / safe
+    return Reliability(counts.astype(np.int64), mean_conf.astype(np.float32), accuracy.astype(np.float32))
+
+
+def expected_calibration_error(probs: FloatArray, labels: IntArray, bins: int = ECE_BINS) -> float:
+    return reliability(probs, labels, bins).ece
+
+
+def calibration_json(probs: FloatArray, labels: IntArray, temperature: float) -> dict[str, float]:
+    calibrated = apply_temperature(probs, temperature)
+    return {"temperature": temperature,
+            "ece": expected_calibration_error(probs, labels),
+            "ece_calibrated": expected_calibration_error(calibrated, labels),
+            "nll": nll(probs, labels), "nll_calibrated": nll(calibrated, labels)}
 
 
 def confusion_matrix(labels: IntArray, predicted: IntArray, num_classes: int) -> IntArray:
@@ -198,6 +269,40 @@ def write_png(path: Path, image: npt.NDArray[np.uint8]) -> None:
         raise OSError(f"{path}: cannot write image")
 
 
+def draw_reliability(panels: Sequence[tuple[str, Reliability]], title: str) -> npt.NDArray[np.uint8]:
+    """Side-by-side reliability diagrams: per confidence bin, a bar to the bin's accuracy
+    (shaded by how many faces it holds) against the diagonal of perfect calibration."""
+    plot, margin, font = 300, 50, cv2.FONT_HERSHEY_SIMPLEX
+    width = len(panels) * (plot + margin) + margin
+    image = np.full((plot + 2 * margin + 40, width, 3), 255, dtype=np.uint8)
+    cv2.putText(image, title, (8, 20), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    for p, (name, rel) in enumerate(panels):
+        x0, y0 = margin + p * (plot + margin), margin + 20  # top-left of the plot area
+        bins = len(rel.counts)
+        step = plot / bins
+        most = max(int(rel.counts.max()), 1)
+        for b in range(bins):
+            if rel.counts[b] == 0:
+                continue
+            shade = int(220 - 180 * rel.counts[b] / most)
+            top = y0 + plot - int(rel.accuracy[b] * plot + 0.5)
+            left, right = x0 + int(b * step) + 1, x0 + int((b + 1) * step) - 1
+            cv2.rectangle(image, (left, top), (right, y0 + plot), (shade, shade // 2 + 60, 40), thickness=-1)
+            mid = y0 + plot - int(rel.confidence[b] * plot + 0.5)  # mean confidence of the bin
+            cv2.line(image, (left, mid), (right, mid), (0, 0, 200), 2)
+        cv2.line(image, (x0, y0 + plot), (x0 + plot, y0), (120, 120, 120), 1, cv2.LINE_AA)
+        cv2.rectangle(image, (x0, y0), (x0 + plot, y0 + plot), (0, 0, 0), 1)
+        cv2.putText(image, f"{name}: ECE {rel.ece:.4f}", (x0, y0 - 8), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        for tick in (0.0, 0.5, 1.0):
+            cv2.putText(image, f"{tick:g}", (x0 + int(tick * plot) - 6, y0 + plot + 16), font, 0.4, (0, 0, 0), 1,
+                        cv2.LINE_AA)
+            cv2.putText(image, f"{tick:g}", (x0 - 26, y0 + plot - int(tick * plot) + 4), font, 0.4, (0, 0, 0), 1,
+                        cv2.LINE_AA)
+    cv2.putText(image, "x: confidence, bars: accuracy, red: mean confidence in the bin, grey: perfect calibration",
+                (8, image.shape[0] - 10), font, 0.4, (80, 80, 80), 1, cv2.LINE_AA)
+    return image
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     meta = read_meta(args.model)
     sets = load_sets(args.npz, meta)
@@ -205,43 +310,63 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     zoom = DEFAULT_ZOOM_TTA if args.zoom_tta else ()
     preds = [predict_set(clf, path, faces, args.batch_size, args.flip_tta, zoom)
              for path, faces in zip(args.npz, sets, strict=True)]
-    files = [_report_file(p, meta.classes, args) for p in preds]
+    files = [_report_file(p, meta, args) for p in preds]
     combined = _combine(preds)
-    summary = _report(f"all {len(preds)} files", combined, meta.classes, args) if len(preds) > 1 else files[0]
+    summary = _report(f"all {len(preds)} files", combined, meta, args) if len(preds) > 1 else files[0]
     return {"model_version": meta.version, "runtime": clf.runtime, "model": str(args.model),
-            "classes": list(meta.classes), **summary, "files": files}
+            "classes": list(meta.classes), "ece_bins": ECE_BINS, **summary, "files": files}
 
 
-def _report_file(pred: Predictions, classes: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
-    result = {"path": str(pred.path), **_report(pred.path.name, pred, classes, args)}
+def _report_file(pred: Predictions, meta: BundleMeta, args: argparse.Namespace) -> dict[str, Any]:
+    result = {"path": str(pred.path), **_report(pred.path.name, pred, meta, args)}
+    several = len(args.npz) > 1
     if args.confusion_png is not None:
-        target = png_path(args.confusion_png, pred.path, several=len(args.npz) > 1)
+        target = png_path(args.confusion_png, pred.path, several)
         title = f"{pred.path.name}: accuracy {result['accuracy']:.4f} ({result['n']} faces)"
-        write_png(target, draw_confusion(np.asarray(result["confusion"], dtype=np.int64), classes, title))
+        write_png(target, draw_confusion(np.asarray(result["confusion"], dtype=np.int64), meta.classes, title))
         result["confusion_png"] = str(target)
+    if args.reliability_png is not None:
+        key = list(pred.probs)[-1]
+        temperature = meta.temperatures.get(key, 1.0)
+        probs = pred.probs[key]
+        panels = [("uncalibrated", reliability(probs, pred.labels)),
+                  (f"temperature {temperature:.3f}", reliability(apply_temperature(probs, temperature), pred.labels))]
+        target = png_path(args.reliability_png, pred.path, several)
+        write_png(target, draw_reliability(panels, f"{pred.path.name}, views: {key} ({len(pred.labels)} faces)"))
+        result["reliability_png"] = str(target)
     return result
 
 
-def _report(title: str, pred: Predictions, classes: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
+TTA_FIELDS = {"flip": "flip_tta", views_key(True, DEFAULT_ZOOM_TTA): "flip_zoom_tta"}
+
+
+def _report(title: str, pred: Predictions, meta: BundleMeta, args: argparse.Namespace) -> dict[str, Any]:
     """Print the human-readable figures and return the JSON ones."""
+    classes = meta.classes
     plain = score(pred.labels, pred.plain, classes)
-    flipped = score(pred.labels, pred.flipped, classes) if pred.flipped is not None else None
-    tta = "flip+zoom TTA" if args.zoom_tta else "flip TTA"
-    print(format_scores(title, plain, flipped, classes, tta), flush=True)
+    widest = list(pred.probs)[-1]
+    tta = None if widest == "single" else score(pred.labels, pred.probs[widest].argmax(axis=1), classes)
+    label = "flip+zoom TTA" if widest != "flip" else "flip TTA"
+    print(format_scores(title, plain, tta, classes, label), flush=True)
     result = scores_json(plain)
-    if flipped is not None:
-        key = "flip_zoom_tta" if args.zoom_tta else "flip_tta"
-        result[key] = {"accuracy": flipped.accuracy, "per_class_recall": flipped.per_class_recall}
+    calibration = {}
+    for key, probs in pred.probs.items():
+        calibration[key] = calibration_json(probs, pred.labels, meta.temperatures.get(key, 1.0))
+        if key != "single":
+            s = score(pred.labels, probs.argmax(axis=1).astype(np.int64), classes)
+            result[TTA_FIELDS.get(key, key)] = {"accuracy": s.accuracy, "per_class_recall": s.per_class_recall}
+    result["calibration"] = calibration
+    for key, c in calibration.items():
+        print(f"  {key}: ECE ({ECE_BINS} bins) {c['ece']:.4f} uncalibrated, {c['ece_calibrated']:.4f} at "
+              f"temperature {c['temperature']:.3f}", flush=True)
     return result
 
 
 def _combine(preds: Sequence[Predictions]) -> Predictions:
-    flipped = [p.flipped for p in preds if p.flipped is not None]
     return Predictions(
         Path("all"),
         np.concatenate([p.labels for p in preds]),
-        np.concatenate([p.plain for p in preds]),
-        np.concatenate(flipped) if len(flipped) == len(preds) else None,
+        {key: np.concatenate([p.probs[key] for p in preds]) for key in preds[0].probs},
     )
 
 

@@ -1,24 +1,32 @@
 """Write a model bundle: Keras file, LiteRT flatbuffers and metadata.
 
     python -m services.classify.export BUNDLE --int8 [--calibration NPZ]
+    python -m services.classify.export BUNDLE --temperature [--val NPZ]
 
-adds ``model_int8.tflite`` (int8 weights and activations, float input and output) to an
-existing bundle, calibrated on training faces.
+``--int8`` adds ``model_int8.tflite`` (int8 weights and activations, float input and output) to
+an existing bundle, its activation ranges set on training faces. ``--temperature`` fits a
+softmax temperature per set of test-time views (single, flip, flip + zoom as served) on the
+selection faces (default FER2013 PublicTest) and stores them in ``model.json``; the classifier
+applies them after averaging the views.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from shared.model_bundle import KERAS_FILE, TFLITE_FILE, TFLITE_INT8_FILE, BundleMeta, read_meta, write_meta
+
+if TYPE_CHECKING:
+    from services.classify.datasets import FaceSet
 
 CALIBRATION_FACES = 1024
 
@@ -64,23 +72,60 @@ def calibration_faces(path: Path, size: int, n: int = CALIBRATION_FACES, seed: i
     return np.asarray(data.images[pick])
 
 
+def fit_temperatures(bundle: Path, faces: FaceSet) -> dict[str, float]:
+    """Temperatures for the single view, flip and flip + zoom (served) on labelled ``faces``,
+    fitted to the float LiteRT model's uncalibrated probabilities."""
+    from services.classify.evaluate import predict_set
+    from shared.classifier import DEFAULT_ZOOM_TTA, fit_temperature, load_classifier
+
+    clf = load_classifier(bundle, "litert")
+    pred = predict_set(clf, Path("fit"), faces, 64, flip_tta=True, zoom_tta=DEFAULT_ZOOM_TTA)
+    return {key: round(fit_temperature(probs, pred.labels), 4) for key, probs in pred.probs.items()}
+
+
+def store_temperatures(bundle: Path, temperatures: dict[str, float], fitted_on: str) -> BundleMeta:
+    meta = read_meta(bundle)
+    extra = {**meta.extra, "calibration": {"fitted_on": fitted_on, "method": "temperature, minimum NLL"}}
+    updated = dataclasses.replace(meta, temperatures=dict(temperatures), extra=extra)
+    write_meta(bundle, updated)
+    return updated
+
+
+def calibrate_bundle(bundle: Path, faces: FaceSet, fitted_on: str) -> dict[str, float]:
+    temperatures = fit_temperatures(bundle, faces)
+    store_temperatures(bundle, temperatures, fitted_on)
+    return temperatures
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from services.classify.datasets import default_fer_dir
+    from services.classify.datasets import default_fer_dir, load_any
 
     p = argparse.ArgumentParser(prog="python -m services.classify.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", type=Path, help="model bundle folder (model.keras + model.json)")
-    p.add_argument("--int8", action="store_true", required=True, help="write model_int8.tflite")
+    p.add_argument("--int8", action="store_true", help="write model_int8.tflite")
     p.add_argument("--calibration", type=Path, default=default_fer_dir() / "train.npz",
-                   help="training faces for the activation ranges (.npz or folder per class)")
+                   help="training faces for the int8 activation ranges (.npz or folder per class)")
+    p.add_argument("--temperature", action="store_true",
+                   help="fit calibration temperatures on --val and store them in model.json")
+    p.add_argument("--val", type=Path, default=default_fer_dir() / "publictest.npz",
+                   help="labelled faces the temperatures are fitted on (never the test set)")
     args = p.parse_args(argv)
+    if not (args.int8 or args.temperature):
+        p.error("nothing to do: give --int8 and/or --temperature")
     meta = read_meta(args.bundle)
-    if not args.calibration.exists():
-        p.error(f"--calibration {args.calibration} not found")
-    model = keras.models.load_model(args.bundle / KERAS_FILE, compile=False)
-    faces = calibration_faces(args.calibration, meta.input_size)
-    (args.bundle / TFLITE_INT8_FILE).write_bytes(to_tflite_int8(model, faces))
-    print(f"wrote {args.bundle / TFLITE_INT8_FILE} ({len(faces)} calibration faces)")
+    if args.int8:
+        if not args.calibration.exists():
+            p.error(f"--calibration {args.calibration} not found")
+        model = keras.models.load_model(args.bundle / KERAS_FILE, compile=False)
+        faces = calibration_faces(args.calibration, meta.input_size)
+        (args.bundle / TFLITE_INT8_FILE).write_bytes(to_tflite_int8(model, faces))
+        print(f"wrote {args.bundle / TFLITE_INT8_FILE} ({len(faces)} calibration faces)")
+    if args.temperature:
+        if not args.val.exists():
+            p.error(f"--val {args.val} not found")
+        temperatures = calibrate_bundle(args.bundle, load_any(args.val, size=meta.input_size), args.val.name)
+        print(f"temperatures fitted on {args.val.name}: {temperatures}; stored in {args.bundle / 'model.json'}")
     return 0
 
 

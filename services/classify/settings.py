@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shared.classifier import DEFAULT_FLIP_TTA, DEFAULT_ZOOM_TTA
 from shared.model_bundle import DEFAULT_BUNDLE
@@ -35,3 +35,12 @@ class ClassifyOptions(Section):
 class ClassifySettings(ServiceSettings):
     classify: ClassifyOptions = ClassifyOptions()
     tracking: TrackerSettings = TrackerSettings()
+
+    @model_validator(mode="after")
+    def _claim_after_batch_wait(self) -> ClassifySettings:
+        # Faces wait up to max_wait_ms in a batch while pending: a shorter claim_idle_ms would
+        # let another replica take them over mid-batch and classify them twice.
+        if self.streams.claim_idle_ms <= 2 * self.classify.max_wait_ms + 100:
+            raise ValueError(f"streams.claim_idle_ms ({self.streams.claim_idle_ms}) must exceed twice "
+                             f"classify.max_wait_ms ({self.classify.max_wait_ms}) plus 100 ms")
+        return self

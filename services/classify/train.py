@@ -5,7 +5,12 @@
 Defaults train on ../shared/data/fer2013 (train.npz, model selection on publictest.npz).
 ``--train`` takes another .npz or a folder per class; ``--init-from BUNDLE`` fine-tunes from
 existing weights (a new head is made when the class list differs). Interrupted runs resume
-from ``OUT/backup`` when started again with the same arguments.
+from ``OUT/backup`` when started again with the same arguments; creating the file ``OUT/stop``
+ends a run after its current epoch (the bundle is still written from the best epoch).
+
+``--distill W`` trains on soft targets: W times the teacher bundle's served probabilities
+(mean over the flip + zoom views, computed once and cached) plus (1 - W) times the label;
+``--ferplus W`` mixes in the FER+ crowd votes the same way.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from services.classify.datasets import FaceSet, default_fer_dir, load_any
-from services.classify.export import CALIBRATION_FACES, write_bundle
+from services.classify.datasets import FaceSet, default_fer_dir, default_ferplus_dir, load_any, load_ferplus
+from services.classify.export import CALIBRATION_FACES, calibrate_bundle, write_bundle
 from services.classify.model import ArchConfig, build_model, count_macs
-from shared.model_bundle import KERAS_FILE, read_meta
+from shared.classifier import DEFAULT_ZOOM_TTA, load_classifier
+from shared.model_bundle import DEFAULT_BUNDLE, KERAS_FILE, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--l2", type=float, default=0.0, help="L2 on conv kernels (published: 0.01)")
     p.add_argument("--augment", choices=["none", "light", "strong"], default="strong")
     p.add_argument("--erase", action="store_true", help="random erasing on half of the images")
+    p.add_argument("--mixup", type=float, default=0.0,
+                   help="mixup: Beta(a, a) parameter a for blending pairs of faces and their targets (0 = off)")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="weight of the teacher's served (flip + zoom) probabilities in each training target; "
+                        "the rest is the label (0 = off)")
+    p.add_argument("--teacher", type=Path, default=DEFAULT_BUNDLE, help="teacher bundle for --distill")
+    p.add_argument("--teacher-cache", type=Path, default=None,
+                   help="where the teacher's probabilities are kept between runs (default OUT/teacher.npz)")
+    p.add_argument("--ferplus", type=float, default=0.0,
+                   help="weight of the FER+ crowd-vote distribution in each training target (0 = off; "
+                        "needs the FER2013 train.npz and the row-aligned FER+ votes)")
+    p.add_argument("--ferplus-votes", type=Path, default=default_ferplus_dir() / "train.npz",
+                   help="FER+ votes row-aligned with --train")
     p.add_argument("--limit", type=int, default=0, help="use only the first N shuffled training faces")
     p.add_argument("--init-from", type=Path, default=None, help="bundle to fine-tune from")
     p.add_argument("--seed", type=int, default=1337)
@@ -99,10 +118,24 @@ def random_erase(images: tf.Tensor, seed: int) -> tf.Tensor:
     return tf.where(inside[..., None], tf.fill(tf.shape(images), 127.5), images)
 
 
-def make_dataset(data: FaceSet, batch: int, seed: int, aug: keras.Sequential | None, erase: bool) -> tf.data.Dataset:
+def mixup(images: tf.Tensor, targets: tf.Tensor, alpha: float, seed: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Blend each face (and its target) with the face at the mirrored batch position."""
+    n = tf.shape(images)[0]
+    g1 = tf.random.gamma((n,), alpha, seed=seed)
+    g2 = tf.random.gamma((n,), alpha, seed=seed + 1)
+    lam = g1 / (g1 + g2)
+    lam = tf.maximum(lam, 1.0 - lam)  # the first face stays the dominant one
+    other = tf.reverse(tf.range(n), axis=[0])
+    mixed = lam[:, None, None, None] * images + (1.0 - lam[:, None, None, None]) * tf.gather(images, other)
+    return mixed, lam[:, None] * targets + (1.0 - lam[:, None]) * tf.gather(targets, other)
+
+
+def make_dataset(data: FaceSet, batch: int, seed: int, aug: keras.Sequential | None, erase: bool,
+                 targets: np.ndarray | None = None, mixup_alpha: float = 0.0) -> tf.data.Dataset:
+    """Batches of (faces, targets); ``targets`` (N, C) replaces the one-hot labels when given."""
     x = data.images[..., None].astype(np.float32)
-    y = keras.utils.to_categorical(data.labels, len(data.classes)).astype(np.float32)
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    y = targets if targets is not None else keras.utils.to_categorical(data.labels, len(data.classes))
+    ds = tf.data.Dataset.from_tensor_slices((x, np.asarray(y, dtype=np.float32)))
     if aug is not None:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch)
@@ -110,7 +143,62 @@ def make_dataset(data: FaceSet, batch: int, seed: int, aug: keras.Sequential | N
         ds = ds.map(lambda a, b: (aug(a, training=True), b), num_parallel_calls=tf.data.AUTOTUNE)
         if erase:
             ds = ds.map(lambda a, b: (random_erase(a, seed), b), num_parallel_calls=tf.data.AUTOTUNE)
+        if mixup_alpha > 0:
+            ds = ds.map(lambda a, b: mixup(a, b, mixup_alpha, seed), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def teacher_probabilities(teacher: Path, faces: FaceSet, cache: Path) -> np.ndarray:
+    """The teacher's served probabilities (mean over flip + zoom views) for every face, cached."""
+    version = read_meta(teacher).version
+    if cache.exists():
+        with np.load(cache) as data:
+            if str(data["version"]) == version and np.array_equal(data["labels"], faces.labels):
+                print(f"teacher {version}: probabilities read from {cache}", flush=True)
+                return np.asarray(data["probs"], dtype=np.float32)
+        print(f"teacher cache {cache} is for another teacher or data set: recomputing", flush=True)
+    started = time.monotonic()
+    clf = load_classifier(teacher, "litert", threads=2, flip_tta=True, zoom_tta=DEFAULT_ZOOM_TTA)
+    # Raw (uncalibrated) means: a calibration temperature is for serving.
+    probs = np.concatenate([clf.predict_raw(faces.images[i:i + 64]) for i in range(0, len(faces.labels), 64)])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, probs=probs, labels=faces.labels, version=np.asarray(version))
+    agree = float(np.mean(probs.argmax(axis=1) == faces.labels))
+    print(f"teacher {version}: {len(probs)} faces in {time.monotonic() - started:.0f}s, "
+          f"agrees with the labels on {agree:.4f}; cached in {cache}", flush=True)
+    return probs.astype(np.float32)
+
+
+def mix_targets(labels: np.ndarray, num_classes: int, parts: list[tuple[float, np.ndarray]]) -> np.ndarray:
+    """One-hot labels blended with soft distributions: each (weight, (N, C) rows) takes its weight,
+    the label the rest. Rows of a distribution that sum to 0 (no votes) leave the label in their place."""
+    onehot = np.eye(num_classes, dtype=np.float32)[labels]
+    target = onehot.copy()
+    for weight, dist in parts:
+        dist = np.asarray(dist, dtype=np.float32)
+        total = dist.sum(axis=1, keepdims=True)
+        rows = np.where(total > 0, dist / np.maximum(total, 1e-12), onehot)
+        target += weight * (rows - onehot)
+    return target
+
+
+def training_targets(args: argparse.Namespace, train_set: FaceSet) -> np.ndarray | None:
+    """Soft targets for --distill / --ferplus (None: plain one-hot labels)."""
+    if args.distill <= 0 and args.ferplus <= 0:
+        return None
+    if args.distill + args.ferplus >= 1:
+        raise SystemExit("--distill + --ferplus must stay below 1: the label keeps the rest")
+    parts: list[tuple[float, np.ndarray]] = []
+    if args.distill > 0:
+        cache = args.teacher_cache or args.out / "teacher.npz"
+        parts.append((args.distill, teacher_probabilities(args.teacher, train_set, cache)))
+    if args.ferplus > 0:
+        votes = load_ferplus(args.ferplus_votes)
+        if len(votes) != len(train_set.labels):
+            raise SystemExit(f"--ferplus-votes {args.ferplus_votes}: {len(votes)} rows for {len(train_set.labels)} "
+                             "training faces (the votes must be row-aligned with --train)")
+        parts.append((args.ferplus, votes))
+    return mix_targets(train_set.labels, len(train_set.classes), parts)
 
 
 class Progress(keras.callbacks.Callback):
@@ -145,6 +233,20 @@ class Progress(keras.callbacks.Callback):
         )
         with self.log_path.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
+
+
+class StopFile(keras.callbacks.Callback):
+    """Ends training after the current epoch once ``path`` exists; the best epoch so far still
+    becomes the bundle (for runs that must finish by a deadline)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.path.exists():
+            print(f"{self.path} found: stopping after epoch {epoch + 1}", flush=True)
+            self.model.stop_training = True
 
 
 def init_model(args: argparse.Namespace, classes: tuple[str, ...]) -> keras.Model:
@@ -190,13 +292,16 @@ def train(args: argparse.Namespace) -> Path:
     val_set = load_any(args.val)
     if val_set.classes != train_set.classes:
         raise SystemExit(f"--val classes {val_set.classes} differ from --train classes {train_set.classes}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    targets = training_targets(args, train_set)  # in file order, like the votes and the teacher cache
     order = np.random.default_rng(args.seed).permutation(len(train_set.labels))
     if args.limit:
         order = order[: args.limit]
     train_set = FaceSet(train_set.images[order], train_set.labels[order], train_set.classes)
+    if targets is not None:
+        targets = targets[order]
     print(f"train {len(train_set.labels)} faces, val {len(val_set.labels)}, classes {list(train_set.classes)}",
           flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     model = init_model(args, train_set.classes)
     steps = int(np.ceil(len(train_set.labels) / args.batch_size))
     compile_model(model, args, steps)
@@ -209,11 +314,13 @@ def train(args: argparse.Namespace) -> Path:
         keras.callbacks.ModelCheckpoint(str(args.out / "best.keras"), monitor="val_accuracy",
                                         mode="max", save_best_only=True),
         Progress(args.epochs, args.out / "history.jsonl"),
+        StopFile(args.out / "stop"),
     ]
     aug = augmenter(args.augment, args.seed)
     started = time.monotonic()
     model.fit(
-        make_dataset(train_set, args.batch_size, args.seed, aug, erase=args.erase),
+        make_dataset(train_set, args.batch_size, args.seed, aug, erase=args.erase, targets=targets,
+                     mixup_alpha=args.mixup),
         validation_data=make_dataset(val_set, 256, args.seed, None, erase=False),
         epochs=args.epochs, callbacks=callbacks, verbose=0,
     )
@@ -227,7 +334,8 @@ def train(args: argparse.Namespace) -> Path:
     version = args.version or f"mini-xception-w{args.width}-{time.strftime('%Y%m%d')}"
     calibration = train_set.images[np.random.default_rng(0).permutation(len(train_set.labels))[:CALIBRATION_FACES]]
     write_bundle(best, bundle, train_set.classes, version, record, calibration=calibration)
-    print(f"bundle written to {bundle}", flush=True)
+    temperatures = calibrate_bundle(bundle, val_set, Path(args.val).name)
+    print(f"bundle written to {bundle}; temperatures fitted on {Path(args.val).name}: {temperatures}", flush=True)
     return bundle
 
 

@@ -2,35 +2,30 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from services.classify.publisher import Classified, Model, Publisher
 from services.classify.settings import ClassifySettings
 from shared.classifier import Classifier
 from shared.health import LATENCY_BUCKETS, CommonMetrics
-from shared.schema import (
-    FIELD,
-    Box,
-    DecodeError,
-    EventMsg,
-    FacesMsg,
-    TrackEventMsg,
-    decode_faces,
-    encode_event,
-    encode_track,
-    event_id,
-)
-from shared.streams import CONNECTION_ERRORS, Entry, LivePublisher
+from shared.imaging import resize_faces
+from shared.schema import DecodeError, FacesMsg, TrackEventMsg, decode_faces
+from shared.streams import CONNECTION_ERRORS, Entry, is_cluster
 from shared.tracking import CameraTracker, Detection
 from shared.worker import Stopper, StreamWorker
 
 log = logging.getLogger(__name__)
+
+# A batch whose inference raised is run once more before its messages are tried one by one.
+INFERENCE_TRIES = 2
+MAX_CROP = 1024
 
 
 class ClassifyMetrics(CommonMetrics):
@@ -55,6 +50,22 @@ class Waiting:
     since: float
 
 
+def invalid_faces(msg: FacesMsg) -> str | None:
+    """Why a decodable faces message cannot be classified (None when it can)."""
+    if not msg.faces:
+        return "no faces"
+    if not 1 <= msg.size <= MAX_CROP:
+        return f"crop size {msg.size} outside 1..{MAX_CROP}"
+    return None
+
+
+def crops_of(msg: FacesMsg, size: int) -> np.ndarray:
+    """The message's crops as (faces, size, size) uint8, resized when detect cropped another size."""
+    side = msg.size
+    crops = np.stack([np.frombuffer(f.crop, dtype=np.uint8).reshape(side, side) for f in msg.faces])
+    return crops if side == size else resize_faces(crops, size)
+
+
 class ClassifyWorker(StreamWorker):
     service = "classify"
 
@@ -72,7 +83,10 @@ class ClassifyWorker(StreamWorker):
         self._trackers: dict[str, CameraTracker] = {}
         self._track_base = 0
         self._last_expiry = 0.0
-        self.live = LivePublisher(r)
+        self.publisher = Publisher(r, self.keys, self.cfg, self.group, metrics,
+                                   Model(tuple(classifier.classes), classifier.meta.version), self,
+                                   transactional=not is_cluster(r))
+        self.live = self.publisher.live
 
     @staticmethod
     def _version() -> str:
@@ -96,28 +110,41 @@ class ClassifyWorker(StreamWorker):
         # A read that returned less than it asked for emptied the queue: waiting longer would
         # only add latency (LiteRT runs a face as fast alone as in a batch of 64).
         queue_empty = len(entries) < self.read_count()
-        bad: list[tuple[Entry, DecodeError]] = []
+        self._accept(entries)
+        if self._faces_waiting >= self.cfg.max_batch or self._due() or (self.cfg.eager and queue_empty):
+            self.flush()
+        self._maybe_expire_tracks()
+
+    def handle_claimed(self, entries: list[Entry]) -> None:
+        """Entries taken over from a dead consumer run at once, without waiting for company."""
+        self._accept(entries)
+        self.flush()
+
+    def _accept(self, entries: list[Entry]) -> None:
+        """Decode and validate each entry on its own; bad ones are dead-lettered, the rest wait."""
+        bad: list[tuple[Entry, str, str]] = []
         for entry in entries:
             try:
                 msg = decode_faces(entry.payload or b"")
             except DecodeError as exc:
-                bad.append((entry, exc))
+                bad.append((entry, exc.reason, exc.detail))
+                continue
+            problem = invalid_faces(msg)
+            if problem:
+                bad.append((entry, "bad_faces", problem))
                 continue
             self._waiting.append(Waiting(entry, msg, time.monotonic()))
             self._faces_waiting += len(msg.faces)
         if bad:
-            pipe = self.r.pipeline(transaction=False)
-            for bad_entry, error in bad:
-                self.dead_letter(pipe, bad_entry, error.reason, error.detail)
+            pipe = self.pipeline()
+            for bad_entry, reason, detail in bad:
+                self.dead_letter(pipe, bad_entry, reason, detail)
             pipe.execute()
-        if self._faces_waiting >= self.cfg.max_batch or self._due() or (self.cfg.eager and queue_empty):
-            self.flush()
 
     def idle(self) -> None:
         if self._due():
             self.flush()
-        elif self.tracking.enabled and time.monotonic() - self._last_expiry > 0.5:
-            self._expire_tracks()
+        self._maybe_expire_tracks()
 
     def drain(self) -> None:
         if self._waiting:
@@ -126,37 +153,74 @@ class ClassifyWorker(StreamWorker):
         # Tracks live in this process: end them, so consumers see every track close.
         ended = [e for t in self._trackers.values() for e in t.flush()]
         if ended:
-            pipe = self.r.pipeline(transaction=False)
-            self._queue_tracks(pipe, ended)
-            pipe.execute()
-            self.live.flush()
+            self._publish_tracks(ended)
 
     def _due(self) -> bool:
         return bool(self._waiting) and (time.monotonic() - self._waiting[0].since) * 1000 >= self.cfg.max_wait_ms
 
     def flush(self) -> None:
+        """Run the model on what waits and publish; on a Redis error nothing is acked (reclaimed later)."""
         waiting, self._waiting, self._faces_waiting = self._waiting, [], 0
-        crops = [np.frombuffer(f.crop, dtype=np.uint8).reshape(w.msg.size, w.msg.size)
-                 for w in waiting for f in w.msg.faces]
-        probs = np.zeros((0, len(self.classifier.classes)), dtype=np.float32)
-        if crops:
-            started = time.perf_counter()
-            try:
-                probs = self.classifier.predict(np.stack(crops))
-            except Exception as exc:  # a failing batch is dead-lettered, the worker goes on
-                log.exception("inference failed on %d faces", len(crops))
-                self._reject_all(waiting, f"{type(exc).__name__}: {exc}")
-                return
-            self.metrics.inference.observe(time.perf_counter() - started)
-            self.metrics.batch.observe(len(crops))
-        # On a Redis error nothing is acked: the entries stay pending and are reclaimed later.
-        self._publish(waiting, probs)
+        if not waiting:
+            return
+        done, failed = self._infer(waiting)
+        if failed:
+            self._reject(failed)
+        if done:
+            self.publisher.publish(done)
 
-    def _reject_all(self, waiting: list[Waiting], detail: str) -> None:
-        pipe = self.r.pipeline(transaction=False)
+    def _infer(self, waiting: list[Waiting]) -> tuple[list[Classified], list[tuple[Waiting, str]]]:
+        """Probabilities per message. A failing batch is tried again once (the error may pass),
+        then message by message, so only the messages that fail themselves are dead-lettered."""
+        for _ in range(INFERENCE_TRIES):
+            try:
+                return self._predict(waiting), []
+            except Exception:  # any runtime error: isolate it below rather than lose the batch
+                log.exception("inference failed on a batch of %d messages", len(waiting))
+        if len(waiting) == 1:
+            return [], [(waiting[0], "inference failed")]
+        done: list[Classified] = []
+        failed: list[tuple[Waiting, str]] = []
         for w in waiting:
+            try:
+                done += self._predict([w])
+            except Exception as exc:  # this message is the culprit
+                failed.append((w, f"{type(exc).__name__}: {exc}"))
+        return done, failed
+
+    def _predict(self, waiting: list[Waiting]) -> list[Classified]:
+        size = self.classifier.meta.input_size
+        crops = np.concatenate([crops_of(w.msg, size) for w in waiting])
+        started = time.perf_counter()
+        probs = self.classifier.predict(crops)
+        self.metrics.inference.observe(time.perf_counter() - started)
+        self.metrics.batch.observe(len(crops))
+        out, row = [], 0
+        for w in waiting:
+            out.append(Classified(w.entry, w.msg, probs[row:row + len(w.msg.faces)]))
+            row += len(w.msg.faces)
+        return out
+
+    def _reject(self, failed: list[tuple[Waiting, str]]) -> None:
+        pipe = self.pipeline()
+        for w, detail in failed:
             self.dead_letter(pipe, w.entry, "inference_error", detail)
         pipe.execute()
+
+    def _maybe_expire_tracks(self) -> None:
+        """End tracks whose faces are gone; checked on every pass, so steady load does not stop it."""
+        if not self.tracking.enabled or time.monotonic() - self._last_expiry < 0.5:
+            return
+        self._last_expiry = time.monotonic()
+        ended = [e for t in self._trackers.values() for e in t.expire_idle()]
+        if ended:
+            self._publish_tracks(ended)
+
+    def _publish_tracks(self, ended: list[TrackEventMsg]) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        self.publisher.queue_tracks(pipe, ended)
+        pipe.execute()
+        self.live.flush()
 
     def _tracker(self, camera: str) -> CameraTracker:
         tracker = self._trackers.get(camera)
@@ -168,65 +232,18 @@ class ClassifyWorker(StreamWorker):
             self._trackers[camera] = tracker
         return tracker
 
-    def _track(self, msg: FacesMsg, probs: np.ndarray) -> tuple[list[int | None], list[TrackEventMsg]]:
+    def track(self, msg: FacesMsg, probs: np.ndarray) -> tuple[list[int | None], list[TrackEventMsg]]:
         if not self.tracking.enabled:
             return [None] * len(msg.faces), []
         dets = [Detection(f.box, probs[i]) for i, f in enumerate(msg.faces)]
-        ids, track_events = self._tracker(msg.camera).update(msg.capture_ts, dets)
-        return list(ids), track_events
+        return self._tracker(msg.camera).update(msg.capture_ts, dets)
 
-    def _expire_tracks(self) -> None:
-        self._last_expiry = time.monotonic()
-        ended = [e for t in self._trackers.values() for e in t.expire_idle()]
-        if ended:
-            pipe = self.r.pipeline(transaction=False)
-            self._queue_tracks(pipe, ended)
-            pipe.execute()
-            self.live.flush()
+    def snapshot_trackers(self) -> dict[str, CameraTracker]:
+        """A copy to roll back to when a publish fails: the faces come again and must not count twice."""
+        return copy.deepcopy(self._trackers)
 
-    def _queue_tracks(self, pipe: Any, track_events: list[TrackEventMsg]) -> None:
-        for te in track_events:
-            payload = encode_track(te)
-            pipe.xadd(self.keys.tracks, {FIELD: payload}, maxlen=self.cfg.events_maxlen, approximate=True)
-            if self.cfg.publish_live:
-                self.live.queue(pipe, self.keys.tracks_channel, payload)
-            self.metrics.track_events.labels(camera=te.camera, kind=te.kind).inc()
-
-    def _publish(self, waiting: list[Waiting], probs: np.ndarray) -> None:
-        pipe = self.r.pipeline(transaction=False)
-        now = time.time()
-        row = 0
-        events = []
-        track_events: list[TrackEventMsg] = []
-        for w in waiting:
-            n = len(w.msg.faces)
-            ids, tevs = self._track(w.msg, probs[row:row + n])
-            track_events += tevs
-            for index, face in enumerate(w.msg.faces):
-                events.append(self._event(w.msg, index, face.box, probs[row], now, ids[index]))
-                row += 1
-            pipe.xack(w.entry.stream, self.group, w.entry.id)
-        self._queue_tracks(pipe, track_events)
-        for ev in events:
-            payload = encode_event(ev)
-            pipe.xadd(self.keys.events, {FIELD: payload}, maxlen=self.cfg.events_maxlen, approximate=True)
-            if self.cfg.publish_live:
-                self.live.queue(pipe, self.keys.events_channel, payload)
-        pipe.execute()
-        self.live.flush()
-        for ev in events:
-            self.metrics.events.labels(camera=ev.camera, emotion=ev.label).inc()
-            self.metrics.end_to_end.labels(camera=ev.camera).observe(max(0.0, ev.publish_ts - ev.capture_ts))
-
-    def _event(self, msg: FacesMsg, index: int, box: Box, p: np.ndarray, now: float,
-               track_id: int | None) -> EventMsg:
-        best = int(np.argmax(p))
-        classes = self.classifier.classes
-        return EventMsg(event_id=event_id(msg.camera, msg.seq, index), camera=msg.camera, seq=msg.seq, face=index,
-                        capture_ts=msg.capture_ts, publish_ts=now, box=box,
-                        label=classes[best], score=float(p[best]), classes=classes,
-                        probs=tuple(float(x) for x in p), model_version=self.classifier.meta.version,
-                        track_id=track_id)
+    def restore_trackers(self, saved: dict[str, CameraTracker]) -> None:
+        self._trackers = saved
 
     def ready(self) -> tuple[bool, str]:
         try:

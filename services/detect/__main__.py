@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from services.detect.settings import DetectSettings
 from services.detect.worker import DetectMetrics, DetectWorker
-from shared.detection import make_detector
+from shared.detection import make_camera_detector
 from shared.health import HealthServer
 from shared.service import service_main
 from shared.streams import connect
@@ -25,7 +25,7 @@ def run(settings: DetectSettings) -> int:
     if settings.detect.opencv_threads:
         cv2.setNumThreads(settings.detect.opencv_threads)
     try:
-        detector = make_detector(settings.detector)
+        detector = make_camera_detector(settings.detector)
     except (ValueError, cv2.error) as exc:
         print(f"config error: detector = {settings.detector.kind!r}: {exc}", file=sys.stderr)
         return 1

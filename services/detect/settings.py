@@ -17,6 +17,10 @@ class DetectOptions(Section):
     max_pixels: int = Field(40_000_000, ge=10_000, description="frames with more pixels are dead-lettered")
     cameras_refresh_s: float = Field(2.0, gt=0, le=600, description="how often to look for new camera streams")
     opencv_threads: int = Field(1, ge=0, le=64, description="OpenCV threads per worker (0 = OpenCV's default)")
+    lease_s: float = Field(3.0, ge=0.5, le=300,
+                           description="a worker owns a camera's frames while it renews this lease (frames of one "
+                                       "camera in capture order, on one worker); a dead worker's cameras are taken "
+                                       "over once its leases lapse")
 
 
 class DetectSettings(ServiceSettings):

@@ -1,4 +1,11 @@
-"""Detect: frames in, face crops out (one faces message per frame with faces)."""
+"""Detect: frames in, face crops out (one faces message per frame with faces).
+
+Each camera's frames are handled by one worker at a time, in capture order: a worker reads
+only the streams of the cameras whose lease it holds (at most its fair share of them), so the
+per-camera state of the motion-gated detector (background, known faces) sees every frame, and
+classify gets each camera's faces in capture order. A dead worker's cameras are taken over when
+their leases lapse; the new owner first claims the frames the dead one left pending.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +16,19 @@ from typing import Any
 import cv2
 import numpy as np
 import redis
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.detect.settings import DetectSettings
-from shared.detection import Detector, FollowingDetector, detect_and_crop
+from shared.detection import CameraDetector, crop_faces
 from shared.health import LATENCY_BUCKETS, CommonMetrics
+from shared.leases import LeasePool, fair_share
 from shared.schema import FIELD, DecodeError, FaceCrop, FacesMsg, FrameMsg, decode_frame, encode_faces
-from shared.streams import CONNECTION_ERRORS, Entry
+from shared.streams import CONNECTION_ERRORS, Entry, watch_broken
 from shared.worker import Stopper, StreamWorker
 
 log = logging.getLogger(__name__)
+
+FRACTION_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 
 
 class DetectMetrics(CommonMetrics):
@@ -33,37 +43,121 @@ class DetectMetrics(CommonMetrics):
                                  buckets=LATENCY_BUCKETS, registry=registry)
         self.faces_per_frame = Histogram("es_detect_faces_per_frame", "Faces found per frame",
                                          buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32), registry=registry)
+        self.motionless = Counter("es_detect_motionless_frames_total",
+                                  "Frames where nothing moved and no face was known: no detector run", ["camera"],
+                                  registry=registry)
+        self.searched = Histogram("es_detect_searched_fraction", "Fraction of a frame's pixels searched for faces",
+                                  buckets=FRACTION_BUCKETS, registry=registry)
+        self.full_searches = Counter("es_detect_full_searches_total", "Whole-frame searches, by reason",
+                                     ["camera", "reason"], registry=registry)
+        self.owned = Gauge("es_detect_cameras_owned", "Cameras whose frames this worker handles", registry=registry)
+        self.lease_conflicts = Counter("es_detect_lease_conflicts_total",
+                                       "Batches discarded because a camera's lease changed hands while they ran",
+                                       registry=registry)
+        self.takeovers = Counter("es_detect_camera_takeovers_total",
+                                 "Cameras this worker started handling (first start, rebalancing, takeover)",
+                                 registry=registry)
 
 
 class DetectWorker(StreamWorker):
     service = "detect"
 
-    def __init__(self, settings: DetectSettings, r: redis.Redis, detector: Detector, metrics: DetectMetrics,
+    def __init__(self, settings: DetectSettings, r: redis.Redis, detector: CameraDetector, metrics: DetectMetrics,
                  stopper: Stopper | None = None) -> None:
         super().__init__(settings, r, settings.detect.group, metrics, stopper)
         self.cfg = settings
-        # Following known faces between keyframes needs frames of a camera in order; each worker
-        # follows the frames it gets (consumer groups hand a camera's frames out in order).
-        self.detector: Detector = detector
-        self.follower = FollowingDetector(detector, settings.detector) if settings.detector.keyframe_interval else None
+        self.detector = detector
         self.metrics = metrics
-        self._streams: list[str] = []
-        self._streams_at = 0.0
+        prefix = settings.redis.prefix
+        self.leases = LeasePool(r, f"{prefix}:detect-lease", f"{prefix}:detect-workers")
+        self.owned: set[str] = set()
+        self._renewed_at = 0.0
+        self._cameras: list[str] = []
+        self._cameras_at = 0.0
+
+    # -- which cameras ------------------------------------------------------
 
     def streams(self) -> list[str]:
         now = time.monotonic()
-        if now - self._streams_at >= self.cfg.detect.cameras_refresh_s or not self._streams:
-            cameras = sorted(c.decode() if isinstance(c, bytes) else str(c)
-                             for c in self.r.smembers(self.keys.cameras))
-            self._streams = [self.keys.frames(c) for c in cameras]
-            self._streams_at = now
-        return self._streams
+        if now - self._renewed_at >= self.cfg.detect.lease_s / 3 or not self.owned:
+            self._renewed_at = now
+            self._rebalance(now)
+        return [self.keys.frames(c) for c in sorted(self.owned)]
+
+    def _rebalance(self, now: float) -> None:
+        lease_s = self.cfg.detect.lease_s
+        cameras = self._all_cameras(now)
+        members = self.leases.beat(self.consumer, lease_s)
+        quota = fair_share(len(cameras), members)
+        for camera in sorted(self.owned):
+            if camera not in cameras or not self.leases.hold(camera, self.consumer, lease_s):
+                self._drop(camera, "lease lost" if camera in cameras else "camera gone")
+        for camera in sorted(self.owned, reverse=True)[: max(0, len(self.owned) - quota)]:
+            self._drop(camera, f"rebalancing: {members} workers share {len(cameras)} cameras")
+            self.leases.release(camera, self.consumer)
+        for camera in cameras:
+            if len(self.owned) >= quota:
+                break
+            if camera not in self.owned and self.leases.hold(camera, self.consumer, lease_s):
+                self._take(camera)
+        self.metrics.owned.set(len(self.owned))
+
+    def _all_cameras(self, now: float) -> list[str]:
+        if now - self._cameras_at >= self.cfg.detect.cameras_refresh_s or not self._cameras:
+            self._cameras = sorted(c.decode() if isinstance(c, bytes) else str(c)
+                                   for c in self.r.smembers(self.keys.cameras))
+            self._cameras_at = now
+        return self._cameras
+
+    def _take(self, camera: str) -> None:
+        self.owned.add(camera)
+        self.detector.forget(camera)
+        self.metrics.takeovers.inc()
+        log.info("camera %s: frames handled by %s", camera, self.consumer)
+        stream = self.keys.frames(camera)
+        self._ensure_groups([stream])
+        # Frames the previous owner read but never acked come first, in order: no idle wait,
+        # the lease says that owner is gone.
+        self._claim_stream(stream, idle_ms=0)
+
+    def _drop(self, camera: str, why: str) -> None:
+        self.owned.discard(camera)
+        self.detector.forget(camera)
+        log.info("camera %s: no longer handled by %s (%s)", camera, self.consumer, why)
+
+    def drain(self) -> None:
+        try:
+            for camera in sorted(self.owned):
+                self.leases.release(camera, self.consumer)
+            self.leases.leave(self.consumer)
+        except CONNECTION_ERRORS:
+            pass  # the leases lapse on their own
+
+    # -- frames -------------------------------------------------------------
 
     def read_count(self) -> int:
         return self.cfg.detect.read_count
 
     def handle(self, entries: list[Entry]) -> None:
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.pipeline()
+        try:
+            self._commit(pipe, entries)
+        except redis.WatchError as exc:
+            if watch_broken(exc):  # the connection dropped: an outage, not another owner
+                raise redis.ConnectionError(str(exc)) from exc
+            # A camera's lease changed hands while this batch ran (this worker stalled past it):
+            # the new owner handles these frames; writing them too would duplicate and reorder.
+            self.metrics.lease_conflicts.inc()
+            log.warning("a camera lease changed hands during a batch; its output was discarded")
+        finally:
+            pipe.reset()
+
+    def _commit(self, pipe: Any, entries: list[Entry]) -> None:
+        """Detect the frames of the cameras still held; their outputs and acks go in one transaction."""
+        held = self._still_held(pipe, {self.keys.camera_from_frames(e.stream) for e in entries})
+        entries = [e for e in entries if self.keys.camera_from_frames(e.stream) in held]
+        if not entries:
+            return
         for entry in entries:
             try:
                 self._process(pipe, entry)
@@ -73,6 +167,21 @@ class DetectWorker(StreamWorker):
                 self._reject(pipe, entry, camera, "processing_error", f"{type(exc).__name__}: {exc}")
             pipe.xack(entry.stream, self.group, entry.id)
         pipe.execute()
+
+    def _still_held(self, pipe: Any, cameras: set[str]) -> set[str]:
+        """The cameras this worker still owns; on a single Redis their leases are watched until EXEC."""
+        keys = [self.leases.lease_key(c) for c in sorted(cameras)]
+        if not self._clustered:
+            pipe.watch(*keys)
+            owners = [pipe.get(k) for k in keys]
+            pipe.multi()
+        else:
+            owners = [self.r.get(k) for k in keys]
+        held = {c for c, o in zip(sorted(cameras), owners, strict=True)
+                if (o.decode() if isinstance(o, bytes) else o) == self.consumer}
+        for camera in cameras - held:
+            self._drop(camera, "lease taken by another worker")
+        return held
 
     def _process(self, pipe: Any, entry: Entry) -> None:
         camera = self.keys.camera_from_frames(entry.stream)
@@ -103,11 +212,12 @@ class DetectWorker(StreamWorker):
         self._detect(pipe, msg, image, started)
 
     def _detect(self, pipe: Any, msg: FrameMsg, image: np.ndarray, started: float) -> None:
-        detector = self.detector if self.follower is None else self.follower.bound(msg.camera)
-        found = detect_and_crop(detector, image, self.cfg.detector.margin)
+        boxes = self.detector.detect(image, msg.camera, msg.capture_ts)
+        found = crop_faces(image, boxes, self.cfg.detector.margin)
         self.metrics.latency.observe(time.perf_counter() - started)
         self.metrics.processed.labels(camera=msg.camera).inc()
         self.metrics.faces_per_frame.observe(len(found))
+        self._count_search(msg.camera)
         if not found:
             return
         self.metrics.faces.labels(camera=msg.camera).inc(len(found))
@@ -116,6 +226,16 @@ class DetectWorker(StreamWorker):
                          faces=tuple(FaceCrop(box=f.box, crop=f.crop.tobytes()) for f in found))
         pipe.xadd(self.keys.faces, {FIELD: encode_faces(faces)}, maxlen=self.cfg.detect.faces_maxlen,
                   approximate=True)
+
+    def _count_search(self, camera: str) -> None:
+        report = self.detector.last
+        if report is None:
+            return
+        self.metrics.searched.observe(report.searched)
+        if report.skipped:
+            self.metrics.motionless.labels(camera=camera).inc()
+        if report.full_reason is not None:
+            self.metrics.full_searches.labels(camera=camera, reason=report.full_reason).inc()
 
     def _reject(self, pipe: Any, entry: Entry, camera: str, reason: str, detail: str) -> None:
         self.metrics.drop(camera, reason)
@@ -126,4 +246,4 @@ class DetectWorker(StreamWorker):
             self.r.ping()
         except CONNECTION_ERRORS as exc:
             return False, f"redis: {exc}"
-        return True, f"redis ok, {len(self._streams)} camera streams"
+        return True, f"redis ok, {len(self.owned)} cameras owned"

@@ -50,6 +50,7 @@ class VideoSource:
         self.open_timeout_s = open_timeout_s
         self._cap: cv2.VideoCapture | None = None
         self.source_fps = 0.0
+        self._grabbed = 0.0
 
     @property
     def safe_url(self) -> str:
@@ -78,19 +79,37 @@ class VideoSource:
         self.source_fps = float(fps) if fps and 0 < fps < 1000 else 0.0
 
     def read(self) -> Frame:
+        self.grab()
+        return self.retrieve()
+
+    def grab(self) -> float:
+        """Take the next frame from the source without decoding it; returns its capture time.
+
+        A live source thinned to a lower fps grabs every frame (the stream must be drained) but
+        decodes only those it publishes: :meth:`retrieve` after a grab.
+        """
         if self._cap is None:
             raise SourceError("source is not open")
-        ok, image = self._cap.read()
-        if ok and image is not None and image.size:
-            return Frame(image=cast(UInt8Array, image), capture_ts=time.time())
+        if self._cap.grab():
+            self._grabbed = time.time()
+            return self._grabbed
         if self.is_file:
             if self.cam.loop:
                 self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
-                ok, image = self._cap.read()
-                if ok and image is not None:
-                    return Frame(image=cast(UInt8Array, image), capture_ts=time.time())
+                if self._cap.grab():
+                    self._grabbed = time.time()
+                    return self._grabbed
             raise EndOfStream(self.cam.id)
         raise SourceError(f"{self.safe_url} stopped giving frames")
+
+    def retrieve(self) -> Frame:
+        """Decode the frame taken by the last :meth:`grab`."""
+        if self._cap is None:
+            raise SourceError("source is not open")
+        ok, image = self._cap.retrieve()
+        if ok and image is not None and image.size:
+            return Frame(image=cast(UInt8Array, image), capture_ts=self._grabbed)
+        raise SourceError(f"{self.safe_url}: grabbed frame could not be decoded")
 
     def close(self) -> None:
         if self._cap is not None:

@@ -15,17 +15,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.ingest.settings import IngestSettings
 from services.ingest.source import EndOfStream, Frame, SourceError, SourceState, VideoSource
+from shared.camera_ownership import CameraOwnership
 from shared.cameras import CameraRegistry, CameraSettings
 from shared.health import LATENCY_BUCKETS, CommonMetrics, Heartbeat
 from shared.imaging import UInt8Array, to_gray
 from shared.schema import FIELD, FrameMsg, encode_frame
-from shared.streams import CONNECTION_ERRORS, Backoff, Keys, default_consumer_name, group_stats
+from shared.sequence import SeqAllocator
+from shared.streams import (
+    TRANSIENT_ERRORS,
+    Backoff,
+    Keys,
+    default_consumer_name,
+    group_stats,
+    refusal_reason,
+)
 from shared.worker import ChildStopper, Stopper
 
 log = logging.getLogger(__name__)
-
-SEQ_BLOCK = 1000
-
 
 class IngestMetrics(CommonMetrics):
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -42,33 +48,9 @@ class IngestMetrics(CommonMetrics):
                                ["camera"], registry=registry)
         self.encode = Histogram("es_ingest_encode_seconds", "JPEG encoding time", buckets=LATENCY_BUCKETS,
                                 registry=registry)
-
-
-class SeqAllocator:
-    """Frame numbers unique across restarts: reserved from Redis in blocks (one INCRBY per block)."""
-
-    def __init__(self, r: redis.Redis, key: str) -> None:
-        self.r = r
-        self.key = key
-        self._next = 0
-        self._end = 0
-
-    def next(self) -> int:
-        if self._next >= self._end:
-            self._reserve()
-        value = self._next
-        self._next += 1
-        return value
-
-
-    def _reserve(self) -> None:
-        end = int(self.r.incrby(self.key, SEQ_BLOCK))
-        if end - SEQ_BLOCK < self._next:
-            # Redis lost the counter (restarted empty): never hand out a number twice.
-            end = self._next + SEQ_BLOCK
-            self.r.set(self.key, end)
-        self._end = end
-        self._next = end - SEQ_BLOCK
+        self.reader_errors = Counter("es_camera_reader_errors_total", "Unexpected errors in a camera's reader "
+                                     "(each is counted as a dropped frame, paused on and retried)",
+                                     ["camera", "reason"], registry=registry)
 
 
 class CameraReader(threading.Thread):
@@ -96,14 +78,25 @@ class CameraReader(threading.Thread):
         self._rate_mark = (time.monotonic(), 0)
         self._lag = 0
         self._lag_checked = 0.0
+        self._opened = False
+        self._redis_retry_at = 0.0
+        self._redis_refusal = "redis_unavailable"
         self.metrics.up.labels(camera=cam.id).set(0)
 
     def run(self) -> None:
+        """Reads until stopped or the file ends; any error is counted, paused on and retried.
+
+        Nothing may end this thread early: a dead reader would leave its camera silently stopped
+        (the watchdog only watches cameras that are up).
+        """
         try:
             while not self.stopper.stopping and self.state is not SourceState.ENDED:
-                if not self._connect():
-                    continue
-                self._read_loop()
+                try:
+                    if self._opened or self._connect():
+                        self._read_loop()
+                        self._opened = False  # the loop returns when the source failed or ended
+                except Exception as exc:  # supervised: see the docstring
+                    self._crashed(exc)
         finally:
             self.source.close()
             self.metrics.up.labels(camera=self.cam.id).set(0)
@@ -118,12 +111,29 @@ class CameraReader(threading.Thread):
             self._fail(str(exc))
             return False
         log.info("camera %s: opened %s (%.1f fps)", self.cam.id, self.source.safe_url, self.source.source_fps)
+        self._opened = True
         self._backoff.reset()
         self.last_frame = time.monotonic()
         self.stalled.clear()
         return True
 
+    def _crashed(self, exc: Exception) -> None:
+        """An unexpected error in the read loop: count it, pause, and go on with the same source.
+
+        Redis refusals (out of memory, READONLY after a failover) carry their own reason; the
+        source stays open, so a file resumes where it was instead of starting over.
+        """
+        reason = refusal_reason(exc) if isinstance(exc, TRANSIENT_ERRORS) else "reader_error"
+        self.metrics.drop(self.cam.id, reason)
+        self.metrics.reader_errors.labels(camera=self.cam.id, reason=reason).inc()
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        delay = self._redis_backoff.next_delay()
+        log.exception("camera %s: %s; frame dropped, going on in %.2fs", self.cam.id, reason, delay)
+        self.stopper.wait(delay)
+        self.last_frame = time.monotonic()  # our pause, not a hung source: keep the watchdog off
+
     def _fail(self, reason: str) -> None:
+        self._opened = False
         self.last_error = reason
         self._set_state(SourceState.DOWN)
         self.metrics.reconnects.labels(camera=self.cam.id).inc()
@@ -134,7 +144,7 @@ class CameraReader(threading.Thread):
     def _read_loop(self) -> None:
         while not self.stopper.stopping:
             try:
-                frame = self.source.read()
+                captured = self.source.grab()
             except EndOfStream:
                 log.info("camera %s: end of file", self.cam.id)
                 self._set_state(SourceState.ENDED)
@@ -149,13 +159,18 @@ class CameraReader(threading.Thread):
             self._set_state(SourceState.UP)
             self.metrics.read.labels(camera=self.cam.id).inc()
             if not self._due():
-                continue
+                continue  # thinned: grabbed but never decoded
             if self.stopper.stopping:
                 self.metrics.drop(self.cam.id, "shutdown")  # read, but the camera is being stopped
                 return
-            if self.source.is_file:
-                # A file frame is "captured" when its pacing slot comes, as a camera would show it.
-                frame.capture_ts = time.time()
+            try:
+                frame = self.source.retrieve()
+            except SourceError as exc:
+                self.metrics.drop(self.cam.id, "decode_error")
+                log.warning("camera %s: %s", self.cam.id, exc)
+                continue
+            # A file frame is "captured" when its pacing slot comes, as a camera would show it.
+            frame.capture_ts = time.time() if self.source.is_file else captured
             self._publish(frame)
 
     def _set_state(self, state: SourceState) -> None:
@@ -190,8 +205,12 @@ class CameraReader(threading.Thread):
         if self.opts.grayscale:
             image = to_gray(image)
         quality = self.cam.jpeg_quality or self.opts.jpeg_quality
-        with self.metrics.encode.time():
-            ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        try:
+            with self.metrics.encode.time():
+                ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        except cv2.error as exc:
+            log.warning("camera %s: JPEG encoding failed: %s", self.cam.id, exc)
+            ok = False
         if not ok:
             self.metrics.drop(self.cam.id, "encode_error")
             return None
@@ -201,23 +220,30 @@ class CameraReader(threading.Thread):
         return np.asarray(buf).tobytes()
 
     def _backlogged(self) -> bool:
-        """True while detect lags this camera by ``backpressure_lag`` frames (checked twice a second).
+        """True while ``backpressure_lag`` frames of this camera wait for detect (checked twice a second).
 
-        Dropping here, counted, keeps MAXLEN trimming from silently discarding unread frames.
+        Waiting means not yet read, or read and not acked (pending on a worker that may have
+        died, until another takes it over). Dropping here, counted, keeps MAXLEN trimming from
+        silently discarding frames detect has not finished.
         """
         now = time.monotonic()
         if now - self._lag_checked >= 0.5:
             self._lag_checked = now
             stats = group_stats(self.r, self.stream, self.opts.detect_group, self.opts.backpressure_lag)
-            self._lag = stats.lag if stats is not None else 0
+            self._lag = stats.lag + stats.pending if stats is not None else 0
         return self._lag >= self.opts.backpressure_lag
 
     def _publish(self, frame: Frame) -> None:
+        if time.monotonic() < self._redis_retry_at:
+            # Redis refused the last frame: drop (counted) until the backoff has passed, and keep
+            # reading, so a file keeps its pace and a live camera's buffer is drained meanwhile.
+            self.metrics.drop(self.cam.id, self._redis_refusal)
+            return
         try:
             if self._backlogged():
                 self.metrics.drop(self.cam.id, "backpressure")
                 return
-        except CONNECTION_ERRORS:
+        except TRANSIENT_ERRORS:
             pass  # counted below when the XADD fails too
         jpeg = self._encode(frame)
         if jpeg is None:
@@ -228,12 +254,15 @@ class CameraReader(threading.Thread):
             msg = FrameMsg(camera=self.cam.id, seq=self.seq.next(), capture_ts=frame.capture_ts,
                            width=round(w * scale), height=round(h * scale), jpeg=jpeg)
             self.r.xadd(self.stream, {FIELD: encode_frame(msg)}, maxlen=self.opts.stream_maxlen, approximate=True)
-        except CONNECTION_ERRORS as exc:
-            self.metrics.drop(self.cam.id, "redis_unavailable")
+        except TRANSIENT_ERRORS as exc:
+            # Out of memory and READONLY pass like an outage does: drop (counted), back off, go on.
+            self._redis_refusal = refusal_reason(exc)
+            self.metrics.drop(self.cam.id, self._redis_refusal)
             self.metrics.redis_errors.inc()
             delay = self._redis_backoff.next_delay()
-            log.warning("camera %s: Redis unavailable (%s); frame dropped, pausing %.2fs", self.cam.id, exc, delay)
-            self.stopper.wait(delay)
+            self._redis_retry_at = time.monotonic() + delay
+            log.warning("camera %s: %s (%s); dropping frames for %.2fs", self.cam.id, self._redis_refusal, exc,
+                        delay)
             return
         self._redis_backoff.reset()
         self._published += 1
@@ -254,9 +283,11 @@ class IngestWorker:
     """Runs the camera readers and the watchdog until stopped (or, with static files, until they end).
 
     Static mode reads the cameras of the settings file. Dynamic mode (``ingest.dynamic``) reads
-    them from Redis, seeded by the file: replicas share the cameras through leases, each taking
-    at most its fair share, and cameras added, changed or removed take effect within
-    ``refresh_s``. A camera is only read while its lease is held, so no two replicas read it.
+    them from Redis, seeded by the file: replicas share the cameras through leases
+    (:class:`~shared.camera_ownership.CameraOwnership`), and cameras added, changed or removed
+    take effect within ``refresh_s``. A camera is only read while its lease is held, so no two
+    replicas read it. A reader thread that died is replaced (static) or its camera given up
+    (dynamic), never left holding the camera.
     """
 
     def __init__(self, settings: IngestSettings, r: redis.Redis, metrics: IngestMetrics,
@@ -270,10 +301,9 @@ class IngestWorker:
         self.heartbeat = Heartbeat(metrics.heartbeat)
         self.replica = settings.consumer or default_consumer_name()
         self.registry = CameraRegistry(r, settings.redis.prefix)
+        self.ownership = CameraOwnership(self.registry, self.replica, settings.cameras, self.opts.lease_s)
         self.readers: dict[str, CameraReader] = {}
         self._leaving: list[CameraReader] = []
-        self._lease_until: dict[str, float] = {}
-        self._bad_configs: list[str] = []
 
     def run(self) -> None:
         if not self.opts.dynamic:
@@ -288,6 +318,8 @@ class IngestWorker:
                 last_sync = time.monotonic() if self._sync_safely() else 0.0
             self._watchdog()
             self._reap()
+            if not self.opts.dynamic:
+                self._revive()
             if not self.opts.dynamic and self.readers and all(
                     r.state is SourceState.ENDED for r in self.readers.values()):
                 log.info("all inputs ended")
@@ -298,9 +330,9 @@ class IngestWorker:
     def _seed(self) -> None:
         while not self.stopper.stopping:
             try:
-                self.registry.seed(self.settings.cameras)
+                self.ownership.seed()
                 return
-            except CONNECTION_ERRORS as exc:
+            except TRANSIENT_ERRORS as exc:
                 self.metrics.redis_errors.inc()
                 log.warning("cannot seed cameras into Redis: %s", exc)
                 self.stopper.wait(1.0)
@@ -310,17 +342,12 @@ class IngestWorker:
         for reader in [*self.readers.values(), *self._leaving]:
             reader.join(timeout=self.settings.streams.drain_timeout_s)
         if self.opts.dynamic:
-            try:
-                for cid in self.readers:
-                    self.registry.release(cid, self.replica)
-                self.registry.leave(self.replica)
-            except CONNECTION_ERRORS:
-                pass  # the leases lapse on their own
+            with contextlib.suppress(*TRANSIENT_ERRORS):  # else the leases lapse on their own
+                self.ownership.leave(list(self.readers))
 
     def _start(self, cam: CameraSettings) -> None:
         reader = CameraReader(cam, self.settings, self.r, self.metrics, ChildStopper(self.stopper))
         self.readers[cam.id] = reader
-        self._lease_until[cam.id] = time.monotonic() + self.opts.lease_s
         reader.start()
         log.info("camera %s: reading on replica %s", cam.id, self.replica)
 
@@ -330,13 +357,22 @@ class IngestWorker:
         self._leaving.append(reader)
         log.info("camera %s: stopped on replica %s (%s)", cid, self.replica, why)
 
+    def _revive(self) -> None:
+        """Static mode: a reader thread that ended without its file ending is replaced."""
+        for cid, reader in list(self.readers.items()):
+            if not reader.is_alive() and reader.state is not SourceState.ENDED:
+                log.error("camera %s: reader thread ended unexpectedly (%s); starting a new one", cid,
+                          reader.last_error or "no error recorded")
+                self.metrics.reconnects.labels(camera=cid).inc()
+                self._start(reader.cam)
+
     def _reap(self) -> None:
         """Release a stopped camera's lease only once its thread is gone: never two readers at once."""
         for reader in [r for r in self._leaving if not r.is_alive()]:
             self._leaving.remove(reader)
             if self.opts.dynamic and reader.cam.id not in self.readers:
-                with contextlib.suppress(*CONNECTION_ERRORS):
-                    self.registry.release(reader.cam.id, self.replica)
+                with contextlib.suppress(*TRANSIENT_ERRORS):
+                    self.ownership.release(reader.cam.id)
 
     def _sync_safely(self) -> bool:
         try:
@@ -344,7 +380,7 @@ class IngestWorker:
                 self._sync()
             self._register()
             return True
-        except CONNECTION_ERRORS as exc:
+        except TRANSIENT_ERRORS as exc:
             self.metrics.redis_errors.inc()
             log.warning("Redis unavailable (%s)", exc)
             self._expire_local_leases()
@@ -354,39 +390,18 @@ class IngestWorker:
         """Without Redis no lease can be renewed: stop reading before another replica may start."""
         if not self.opts.dynamic:
             return
-        now = time.monotonic()
-        for cid in [c for c, until in self._lease_until.items() if until <= now and c in self.readers]:
+        for cid in self.ownership.lapsed({c: r.cam for c, r in self.readers.items()}):
             self._stop(cid, "lease could not be renewed")
 
     def _sync(self) -> None:
-        alive = self.registry.beat(self.replica, self.opts.lease_s)
-        desired, bad = self.registry.cameras()
-        if bad != self._bad_configs:
-            for line in bad:
-                log.error("ignoring invalid camera in Redis: %s", line)
-            self._bad_configs = bad
-        self._keep_or_drop(desired)
-        quota = -(-len(desired) // alive)
-        for cid in sorted(self.readers, reverse=True)[: max(0, len(self.readers) - quota)]:
-            self._stop(cid, f"rebalancing: {alive} replicas share {len(desired)} cameras")
-        for cid in sorted(desired):
-            if len(self.readers) >= quota:
-                break
-            busy = any(r.cam.id == cid for r in self._leaving)
-            if cid not in self.readers and not busy and self.registry.hold(cid, self.replica, self.opts.lease_s):
-                self._start(desired[cid])
+        running = {cid: reader.cam for cid, reader in self.readers.items()}
+        plan = self.ownership.plan(running, alive=lambda cid: self.readers[cid].is_alive(),
+                                   leaving={r.cam.id for r in self._leaving})
+        for stop in plan.stop:
+            self._stop(stop.camera, stop.why)
+        for cam in plan.start:
+            self._start(cam)
         self._write_status()
-
-    def _keep_or_drop(self, desired: dict[str, CameraSettings]) -> None:
-        for cid, reader in list(self.readers.items()):
-            if cid not in desired:
-                self._stop(cid, "removed")
-            elif desired[cid] != reader.cam:
-                self._stop(cid, "settings changed")
-            elif not self.registry.hold(cid, self.replica, self.opts.lease_s):
-                self._stop(cid, "lease lost")
-            else:
-                self._lease_until[cid] = time.monotonic() + self.opts.lease_s
 
     def _register(self) -> None:
         """Announce the cameras so detect workers find their streams (again, after a Redis restart)."""
