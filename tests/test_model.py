@@ -123,7 +123,8 @@ SHORT_RUN_FLOOR = 0.30
 @needs_fer
 @pytest.mark.skipif(not (FER_DIR / "train.npz").exists(), reason=f"FER2013 train.npz not found in {FER_DIR}")
 @pytest.mark.timeout(420)
-def test_short_training_run_beats_chance(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pipeline", ["tf", "native"])
+def test_short_training_run_beats_chance(tmp_path: Path, pipeline: str) -> None:
     images, labels = _publictest()
     val = tmp_path / "val.npz"
     # Every 6th face: PublicTest is sorted by class, so a stride keeps every class.
@@ -134,8 +135,13 @@ def test_short_training_run_beats_chance(tmp_path: Path) -> None:
     proc = _run_module("services.classify.train", "--train", str(FER_DIR / "train.npz"), "--val", str(val),
                        "--out", str(out), "--limit", "3000", "--epochs", "3", "--augment", "light",
                        "--width", "0.5", "--internal-size", "48", "--batch-size", "16", "--warmup-epochs", "0.25",
-                       "--lr", "5e-3", timeout=400)
+                       "--lr", "5e-3", "--pipeline", pipeline,
+                       # The native run also fits its epochs to a budget (3 epochs fit in it).
+                       *(["--time-budget-s", "3600"] if pipeline == "native" else []), timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if pipeline == "native":
+        assert "3 epochs" in proc.stdout, proc.stdout[-2000:]
+        assert len((out / "history.jsonl").read_text().splitlines()) == 3
     bundle = out / "bundle"
     meta = json.loads((bundle / META_FILE).read_text())
     assert meta["classes"] == list(FER2013_CLASSES)
@@ -198,6 +204,118 @@ def test_mixup_blends_faces_and_targets_alike() -> None:
     assert own >= 0.5
     np.testing.assert_allclose(mixed_targets[0], [own, 0.0, 1.0 - own], atol=1e-5)
     np.testing.assert_allclose(mixed[1], images[1], atol=1e-4)  # the middle face meets itself
+
+
+def test_native_batches_cover_every_face_once_per_epoch_in_a_new_order() -> None:
+    from services.classify.train import FaceBatches
+
+    faces = FaceSet(np.arange(10, dtype=np.uint8)[:, None, None] * np.ones((1, 2, 2), np.uint8),
+                    np.arange(10) % 3, ("a", "b", "c"))
+    targets = np.eye(3, dtype=np.float32)[faces.labels]
+    batches = FaceBatches(faces, targets, batch=4, seed=1, train=True)
+    assert len(batches) == 3
+
+    def epoch() -> list[int]:
+        seen = []
+        for i in range(len(batches)):
+            x, y = batches[i]
+            assert x.shape[1:] == (2, 2, 1) and x.dtype == np.float32
+            ids = x[:, 0, 0, 0].astype(int).tolist()
+            np.testing.assert_array_equal(y, targets[ids])  # each face keeps its own target
+            seen += ids
+        return seen
+
+    first = epoch()
+    batches.on_epoch_end()
+    second = epoch()
+    assert sorted(first) == sorted(second) == list(range(10))
+    assert first != second
+    in_order = FaceBatches(faces, targets, batch=4, seed=1, train=False)
+    assert in_order[0][0][:, 0, 0, 0].tolist() == [0, 1, 2, 3]
+
+
+def test_native_augmentation_moves_faces_a_little_and_flips_about_half() -> None:
+    from services.classify.train import affine_np
+
+    # A face-like test card: bright left half, so a flip shows in the mean of each half.
+    card = np.zeros((200, 48, 48, 1), np.float32)
+    card[:, 8:40, 4:24] = 200.0
+    assert affine_np(card, "none", np.random.default_rng(0)) is card
+    moved = affine_np(card, "strong", np.random.default_rng(0))
+    assert moved.shape == card.shape and moved.dtype == np.float32
+    flipped = moved[..., 24:, 0].mean(axis=(1, 2)) > moved[..., :24, 0].mean(axis=(1, 2))
+    assert 0.35 < flipped.mean() < 0.65
+    changed = np.abs(moved - card).mean(axis=(1, 2, 3))
+    assert (changed[~flipped] > 0).mean() > 0.9  # shifted, turned or zoomed
+    assert (changed[~flipped] < 60).all()  # but still the same card
+
+
+def test_native_erasing_blanks_one_rectangle_in_about_half_the_faces() -> None:
+    from services.classify.train import erase_np
+
+    images = np.zeros((400, 48, 48, 1), np.float32)
+    erased = erase_np(images.copy(), np.random.default_rng(0))
+    touched = (erased == 127.5).any(axis=(1, 2, 3))
+    assert 0.4 < touched.mean() < 0.6
+    for face in erased[touched][:20]:
+        ys, xs = np.nonzero(face[..., 0] == 127.5)
+        box = face[ys.min():ys.max() + 1, xs.min():xs.max() + 1, 0]
+        assert (box == 127.5).all()  # one solid rectangle
+        assert box.shape[0] <= 17 and box.shape[1] <= 17  # at most a third of each side, plus one
+
+
+def test_native_mixup_blends_faces_and_targets_alike() -> None:
+    from services.classify.train import mixup_np
+
+    images = np.stack([np.full((4, 4, 1), v, np.float32) for v in (0.0, 100.0, 200.0)])
+    targets = np.eye(3, dtype=np.float32)
+    mixed, mixed_targets = mixup_np(images, targets, 0.4, np.random.default_rng(3))
+    np.testing.assert_allclose(mixed_targets.sum(axis=1), 1.0, atol=1e-6)
+    own = 1.0 - mixed[0, 0, 0, 0] / 200.0
+    assert own >= 0.5
+    np.testing.assert_allclose(mixed_targets[0], [own, 0.0, 1.0 - own], atol=1e-5)
+    np.testing.assert_allclose(mixed[1], images[1], atol=1e-4)
+
+
+def test_time_budget_plans_epochs_from_the_first_and_decays_to_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from services.classify import train
+
+    args = argparse.Namespace(lr=1e-3, warmup_epochs=2.0, time_budget_s=100.0, epochs=500)
+    budget = train.TimeBudget(args)
+
+    class Model:
+        stop_training = False
+
+        class optimizer:  # noqa: N801
+            class learning_rate:  # noqa: N801
+                value = 0.0
+
+                @classmethod
+                def assign(cls, v: float) -> None:
+                    cls.value = v
+
+    model = Model()
+    budget.set_model(model)  # type: ignore[arg-type]
+    # Epoch 0 takes 30 s (compilation), epoch 1 takes 10 s: 60 s of the 100 are left.
+    clock = iter([0.0, 30.0, 40.0])
+    monkeypatch.setattr(train.time, "monotonic", lambda: next(clock))
+    budget.on_epoch_begin(0)
+    assert model.optimizer.learning_rate.value == pytest.approx(1e-3 / 3)  # warming up
+    budget.on_epoch_end(0)
+    budget.on_epoch_begin(1)
+    budget.on_epoch_end(1)
+    assert budget.planned == 8  # 2 done, then 6 of 10 s in 60 s
+    rates = [budget.rate(e) for e in range(8)]
+    assert max(rates) == pytest.approx(1e-3)
+    assert rates[2:] == sorted(rates[2:], reverse=True)  # cosine after warm-up
+    assert rates[-1] < 0.1e-3
+    for epoch in range(2, 7):
+        budget.on_epoch_end(epoch)
+        assert not model.stop_training
+    budget.on_epoch_end(7)
+    assert model.stop_training
 
 
 @needs_tf

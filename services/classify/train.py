@@ -8,6 +8,13 @@ existing weights (a new head is made when the class list differs). Interrupted r
 from ``OUT/backup`` when started again with the same arguments; creating the file ``OUT/stop``
 ends a run after its current epoch (the bundle is still written from the best epoch).
 
+On a Keras backend other than TensorFlow (``KERAS_BACKEND=jax`` or ``torch``, e.g. on a GPU
+machine without TensorFlow) batches come from a NumPy pipeline and the geometric augmentation
+runs on the CPU beside it; only ``OUT/best.keras`` is written there, and
+``--finish`` on a machine with TensorFlow turns it into the bundle (LiteRT export, calibration).
+``--time-budget-s S`` fits the number of epochs to S seconds after timing the second one
+(per-epoch warm-up and cosine decay over the epochs that fit).
+
 ``--distill W`` trains on soft targets: W times the teacher bundle's served probabilities
 (mean over the flip + zoom views, computed once and cached) plus (1 - W) times the label;
 ``--ferplus W`` mixes in the FER+ crowd votes the same way.
@@ -23,21 +30,22 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Training this model with oneDNN's fused kernels corrupted the heap on these CPUs.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import cv2
 import keras
 import numpy as np
-import tensorflow as tf
 
 from services.classify.datasets import FaceSet, default_fer_dir, default_ferplus_dir, load_any, load_ferplus
-from services.classify.export import CALIBRATION_FACES, calibrate_bundle, write_bundle
 from services.classify.model import ArchConfig, build_model, count_macs
-from shared.classifier import DEFAULT_ZOOM_TTA, load_classifier
 from shared.model_bundle import DEFAULT_BUNDLE, KERAS_FILE, read_meta
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +88,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-from", type=Path, default=None, help="bundle to fine-tune from")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--version", default=None, help="model version string for the bundle")
+    p.add_argument("--time-budget-s", type=float, default=0.0,
+                   help="fit the number of epochs (at most --epochs) to this many seconds of training, "
+                        "timed on the first epoch; the learning rate then follows per-epoch warm-up and "
+                        "cosine decay over the epochs that fit (0 = off)")
+    p.add_argument("--pipeline", choices=["auto", "tf", "native"], default="auto",
+                   help="input pipeline: tf.data on the TensorFlow backend, NumPy batches augmented with "
+                        "OpenCV on any backend (auto: tf when Keras runs on TensorFlow)")
+    p.add_argument("--finish", action="store_true",
+                   help="do not train: write the bundle from OUT/best.keras (after a run on a backend "
+                        "without TensorFlow)")
     return p.parse_args(argv)
 
 
@@ -100,6 +118,8 @@ def augmenter(kind: str, seed: int) -> keras.Sequential | None:
 
 def random_erase(images: tf.Tensor, seed: int) -> tf.Tensor:
     """Blank one random rectangle (up to a third of each side) in half of the images."""
+    import tensorflow as tf
+
     shape = tf.shape(images)
     n, h, w = shape[0], shape[1], shape[2]
     rng = tf.random.uniform((n, 5), seed=seed)
@@ -120,6 +140,8 @@ def random_erase(images: tf.Tensor, seed: int) -> tf.Tensor:
 
 def mixup(images: tf.Tensor, targets: tf.Tensor, alpha: float, seed: int) -> tuple[tf.Tensor, tf.Tensor]:
     """Blend each face (and its target) with the face at the mirrored batch position."""
+    import tensorflow as tf
+
     n = tf.shape(images)[0]
     g1 = tf.random.gamma((n,), alpha, seed=seed)
     g2 = tf.random.gamma((n,), alpha, seed=seed + 1)
@@ -133,6 +155,8 @@ def mixup(images: tf.Tensor, targets: tf.Tensor, alpha: float, seed: int) -> tup
 def make_dataset(data: FaceSet, batch: int, seed: int, aug: keras.Sequential | None, erase: bool,
                  targets: np.ndarray | None = None, mixup_alpha: float = 0.0) -> tf.data.Dataset:
     """Batches of (faces, targets); ``targets`` (N, C) replaces the one-hot labels when given."""
+    import tensorflow as tf
+
     x = data.images[..., None].astype(np.float32)
     y = targets if targets is not None else keras.utils.to_categorical(data.labels, len(data.classes))
     ds = tf.data.Dataset.from_tensor_slices((x, np.asarray(y, dtype=np.float32)))
@@ -148,6 +172,125 @@ def make_dataset(data: FaceSet, batch: int, seed: int, aug: keras.Sequential | N
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def uses_tensorflow() -> bool:
+    return bool(keras.backend.backend() == "tensorflow")
+
+
+def erase_np(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """NumPy twin of :func:`random_erase` for the native pipeline."""
+    n, h, w = images.shape[:3]
+    for i in np.flatnonzero(rng.random(n) < 0.5):
+        eh, ew = int(rng.random() * h / 3) + 1, int(rng.random() * w / 3) + 1
+        y0, x0 = int(rng.random() * (h - eh)), int(rng.random() * (w - ew))
+        images[i, y0:y0 + eh, x0:x0 + ew] = 127.5
+    return images
+
+
+def mixup_np(images: np.ndarray, targets: np.ndarray, alpha: float,
+             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy twin of :func:`mixup` for the native pipeline."""
+    lam = rng.beta(alpha, alpha, len(images)).astype(np.float32)
+    lam = np.maximum(lam, 1.0 - lam)
+    other = np.arange(len(images))[::-1]
+    mixed = lam[:, None, None, None] * images + (1.0 - lam[:, None, None, None]) * images[other]
+    return mixed, lam[:, None] * targets + (1.0 - lam[:, None]) * targets[other]
+
+
+def affine_np(images: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """NumPy/OpenCV twin of :func:`augmenter` (same ranges, edges repeated): flips and shifts by up
+    to 10%, and for ``strong`` rotations up to 0.04 turn and zooms of +-15%."""
+    if kind == "none":
+        return images
+    n, h, w = images.shape[:3]
+    out = np.empty_like(images)
+    for i in range(n):
+        face = images[i, ..., 0]
+        if rng.random() < 0.5:
+            face = face[:, ::-1]
+        angle = float(rng.uniform(-0.04, 0.04) * 360.0) if kind == "strong" else 0.0
+        scale = float(1.0 + rng.uniform(-0.15, 0.15)) if kind == "strong" else 1.0
+        matrix = np.asarray(cv2.getRotationMatrix2D((w / 2 - 0.5, h / 2 - 0.5), angle, scale), dtype=np.float64)
+        matrix[:, 2] += rng.uniform(-0.1, 0.1, 2) * np.array([w, h], dtype=np.float64)
+        out[i, ..., 0] = cv2.warpAffine(np.ascontiguousarray(face), matrix, (w, h), flags=cv2.INTER_LINEAR,
+                                        borderMode=cv2.BORDER_REPLICATE)
+    return out
+
+
+class FaceBatches(keras.utils.PyDataset):
+    """Shuffled (faces, targets) NumPy batches for any Keras backend, augmented on the CPU (on a
+    GPU, Keras' augmentation layers inside a JAX graph were slower than the whole model)."""
+
+    def __init__(self, data: FaceSet, targets: np.ndarray, batch: int, seed: int, train: bool,
+                 augment: str = "none", erase: bool = False, mixup_alpha: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.images = data.images
+        self.targets = np.asarray(targets, dtype=np.float32)
+        self.batch, self.seed, self.train = batch, seed, train
+        self.augment, self.erase, self.mixup_alpha = augment, erase, mixup_alpha
+        self.epoch = 0
+        self.order = self._order()
+
+    def _order(self) -> np.ndarray:
+        n = len(self.images)
+        return np.random.default_rng((self.seed, self.epoch)).permutation(n) if self.train else np.arange(n)
+
+    def __len__(self) -> int:
+        return int(np.ceil(len(self.images) / self.batch))
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.order[index * self.batch:(index + 1) * self.batch]
+        x = self.images[rows][..., None].astype(np.float32)
+        y = self.targets[rows]
+        if self.train:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            x = affine_np(x, self.augment, rng)
+            if self.erase:
+                x = erase_np(x, rng)
+            if self.mixup_alpha > 0:
+                x, y = mixup_np(x, y, self.mixup_alpha, rng)
+        return x, y
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self.order = self._order()
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Per-epoch warm-up and cosine decay over the epochs that fit ``budget_s``: planned after the
+    second epoch of this process (the first also pays for compilation); stops once they are done."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__()
+        self.peak, self.warmup = args.lr, args.warmup_epochs
+        self.budget, self.max_epochs = args.time_budget_s, args.epochs
+        self.planned = args.epochs
+        self.started = 0.0
+        self.epoch_started = 0.0
+        self.first: int | None = None
+
+    def rate(self, epoch: int) -> float:
+        if epoch < self.warmup:
+            return float(self.peak * (epoch + 1) / (self.warmup + 1))
+        span = max(1.0, self.planned - self.warmup)
+        return float(0.5 * self.peak * (1 + np.cos(np.pi * min(1.0, (epoch - self.warmup) / span))))
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.epoch_started = time.monotonic()
+        if self.first is None:  # the first epoch of this process (a resumed run starts later)
+            self.started, self.first = self.epoch_started, epoch
+        self.model.optimizer.learning_rate.assign(self.rate(epoch))
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if epoch == (self.first or 0) + 1:
+            now = time.monotonic()
+            per_epoch = now - self.epoch_started
+            left = self.budget - (now - self.started)
+            self.planned = int(min(self.max_epochs, epoch + 1 + max(0.0, left) // per_epoch))
+            print(f"time budget {self.budget:.0f}s at {per_epoch:.1f}s/epoch: {self.planned} epochs", flush=True)
+        if epoch + 1 >= self.planned:
+            self.model.stop_training = True
+
+
 def teacher_probabilities(teacher: Path, faces: FaceSet, cache: Path) -> np.ndarray:
     """The teacher's served probabilities (mean over flip + zoom views) for every face, cached."""
     version = read_meta(teacher).version
@@ -157,6 +300,8 @@ def teacher_probabilities(teacher: Path, faces: FaceSet, cache: Path) -> np.ndar
                 print(f"teacher {version}: probabilities read from {cache}", flush=True)
                 return np.asarray(data["probs"], dtype=np.float32)
         print(f"teacher cache {cache} is for another teacher or data set: recomputing", flush=True)
+    from shared.classifier import DEFAULT_ZOOM_TTA, load_classifier
+
     started = time.monotonic()
     clf = load_classifier(teacher, "litert", threads=2, flip_tta=True, zoom_tta=DEFAULT_ZOOM_TTA)
     # Raw (uncalibrated) means: a calibration temperature is for serving.
@@ -271,10 +416,12 @@ def init_model(args: argparse.Namespace, classes: tuple[str, ...]) -> keras.Mode
 def compile_model(model: keras.Model, args: argparse.Namespace, steps_per_epoch: int) -> None:
     total = max(1, args.epochs * steps_per_epoch)
     warmup = int(args.warmup_epochs * steps_per_epoch)
-    schedule = keras.optimizers.schedules.CosineDecay(
+    schedule: float | keras.optimizers.schedules.LearningRateSchedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=args.lr / 100, decay_steps=max(1, total - warmup), alpha=0.0,
         warmup_target=args.lr, warmup_steps=warmup,
     )
+    if args.time_budget_s > 0:
+        schedule = args.lr / 100  # a variable that TimeBudget sets each epoch
     optimizer = keras.optimizers.AdamW(
         learning_rate=schedule, weight_decay=args.weight_decay,
         use_ema=args.ema > 0, ema_momentum=args.ema if args.ema > 0 else 0.99,
@@ -286,48 +433,77 @@ def compile_model(model: keras.Model, args: argparse.Namespace, steps_per_epoch:
     )
 
 
-def train(args: argparse.Namespace) -> Path:
-    keras.utils.set_random_seed(args.seed)
-    train_set = load_any(args.train)
-    val_set = load_any(args.val)
-    if val_set.classes != train_set.classes:
-        raise SystemExit(f"--val classes {val_set.classes} differ from --train classes {train_set.classes}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    targets = training_targets(args, train_set)  # in file order, like the votes and the teacher cache
-    order = np.random.default_rng(args.seed).permutation(len(train_set.labels))
-    if args.limit:
-        order = order[: args.limit]
-    train_set = FaceSet(train_set.images[order], train_set.labels[order], train_set.classes)
-    if targets is not None:
-        targets = targets[order]
-    print(f"train {len(train_set.labels)} faces, val {len(val_set.labels)}, classes {list(train_set.classes)}",
-          flush=True)
-    model = init_model(args, train_set.classes)
-    steps = int(np.ceil(len(train_set.labels) / args.batch_size))
-    compile_model(model, args, steps)
-    print(f"params {model.count_params()}, MACs {count_macs(model)}", flush=True)
+def train_callbacks(args: argparse.Namespace) -> list[keras.callbacks.Callback]:
     callbacks: list[keras.callbacks.Callback] = [keras.callbacks.BackupAndRestore(str(args.out / "backup"))]
     if args.ema > 0:
         # Swapped in before the checkpoint so the saved "best" model holds the averaged weights.
         callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
-    callbacks += [
-        keras.callbacks.ModelCheckpoint(str(args.out / "best.keras"), monitor="val_accuracy",
-                                        mode="max", save_best_only=True),
-        Progress(args.epochs, args.out / "history.jsonl"),
-        StopFile(args.out / "stop"),
-    ]
-    aug = augmenter(args.augment, args.seed)
-    started = time.monotonic()
+    callbacks.append(keras.callbacks.ModelCheckpoint(str(args.out / "best.keras"), monitor="val_accuracy",
+                                                     mode="max", save_best_only=True))
+    if args.time_budget_s > 0:
+        callbacks.append(TimeBudget(args))
+    callbacks += [Progress(args.epochs, args.out / "history.jsonl"), StopFile(args.out / "stop")]
+    return callbacks
+
+
+def load_sets(args: argparse.Namespace) -> tuple[FaceSet, FaceSet, np.ndarray | None]:
+    """Training faces (shuffled once with the seed, soft targets in the same order) and the
+    selection set."""
+    train_set = load_any(args.train)
+    val_set = load_any(args.val)
+    if val_set.classes != train_set.classes:
+        raise SystemExit(f"--val classes {val_set.classes} differ from --train classes {train_set.classes}")
+    # In file order, like the votes and the teacher cache; not needed to finish a bundle.
+    targets = None if args.finish else training_targets(args, train_set)
+    order = np.random.default_rng(args.seed).permutation(len(train_set.labels))
+    if args.limit:
+        order = order[: args.limit]
+    train_set = FaceSet(train_set.images[order], train_set.labels[order], train_set.classes)
+    return train_set, val_set, None if targets is None else targets[order]
+
+
+def fit(args: argparse.Namespace, train_set: FaceSet, val_set: FaceSet, targets: np.ndarray | None) -> None:
+    model = init_model(args, train_set.classes)
+    native = args.pipeline == "native" or (args.pipeline == "auto" and not uses_tensorflow())
+    if not native and not uses_tensorflow():
+        raise SystemExit(f"--pipeline tf needs the TensorFlow backend; Keras runs on {keras.backend.backend()}")
+    steps = int(np.ceil(len(train_set.labels) / args.batch_size))
+    compile_model(model, args, steps)
+    print(f"params {model.count_params()}, MACs {count_macs(model)}, backend {keras.backend.backend()}", flush=True)
+    callbacks = train_callbacks(args)
+    if native:
+        classes = len(train_set.classes)
+        onehot = np.eye(classes, dtype=np.float32)
+        model.fit(
+            FaceBatches(train_set, targets if targets is not None else onehot[train_set.labels], args.batch_size,
+                        args.seed, train=True, augment=args.augment, erase=args.erase, mixup_alpha=args.mixup,
+                        workers=4),
+            validation_data=FaceBatches(val_set, onehot[val_set.labels], 256, args.seed, train=False),
+            epochs=args.epochs, callbacks=callbacks, verbose=0,
+        )
+        return
     model.fit(
-        make_dataset(train_set, args.batch_size, args.seed, aug, erase=args.erase, targets=targets,
-                     mixup_alpha=args.mixup),
+        make_dataset(train_set, args.batch_size, args.seed, augmenter(args.augment, args.seed), erase=args.erase,
+                     targets=targets, mixup_alpha=args.mixup),
         validation_data=make_dataset(val_set, 256, args.seed, None, erase=False),
         epochs=args.epochs, callbacks=callbacks, verbose=0,
     )
+
+
+def train_seconds(history: Path) -> float:
+    lines = [json.loads(line) for line in history.read_text().splitlines() if line] if history.exists() else []
+    return float(lines[-1]["elapsed_s"]) if lines else 0.0
+
+
+def write_final_bundle(args: argparse.Namespace, train_set: FaceSet, val_set: FaceSet) -> Path:
+    from services.classify.export import CALIBRATION_FACES, calibrate_bundle, write_bundle
+
     best = keras.models.load_model(args.out / "best.keras", compile=False)
+    history = args.out / "history.jsonl"
+    epochs_run = len([line for line in history.read_text().splitlines() if line]) if history.exists() else 0
     # Paths are recorded by name only: the bundle travels to other machines.
     record = {"train_args": {k: v.name if isinstance(v, Path) else str(v) for k, v in vars(args).items()},
-              "train_seconds": round(time.monotonic() - started, 1),
+              "train_seconds": train_seconds(history), "epochs_run": epochs_run,
               "arch": asdict(ArchConfig(len(train_set.classes), args.width, args.internal_size, args.dropout, args.l2)),
               "params": int(best.count_params()), "macs": count_macs(best)}
     bundle = args.out / "bundle"
@@ -339,10 +515,34 @@ def train(args: argparse.Namespace) -> Path:
     return bundle
 
 
+def tensorflow_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def train(args: argparse.Namespace) -> Path:
+    keras.utils.set_random_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    train_set, val_set, targets = load_sets(args)
+    print(f"train {len(train_set.labels)} faces, val {len(val_set.labels)}, classes {list(train_set.classes)}",
+          flush=True)
+    if not args.finish:
+        fit(args, train_set, val_set, targets)
+    if not tensorflow_available():
+        print(f"{args.out / 'best.keras'} written; TensorFlow is not installed here, so make the bundle with "
+              "the same arguments and --finish where it is", flush=True)
+        return args.out / "best.keras"
+    return write_final_bundle(args, train_set, val_set)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    tf.config.threading.set_inter_op_parallelism_threads(2)
+    if uses_tensorflow():
+        import tensorflow as tf
+
+        tf.config.threading.set_inter_op_parallelism_threads(2)
     train(args)
     return 0
 
