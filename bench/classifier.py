@@ -1,4 +1,5 @@
-"""Faces per second of the emotion classifier, per runtime, at batch 1, 16 and 64.
+"""Faces per second of the emotion classifier, per runtime, at batch 1, 16 and 64, and per set
+of test-time views as served (single view, flip, flip + zoom: 1, 2 and 6 model passes a face).
 
     python bench/classifier.py [--model DIR] [--seconds S] [--threads N]
 
@@ -29,12 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a script from a checkout without installing
 
-from shared.classifier import load_classifier  # noqa: E402
+from shared.classifier import DEFAULT_ZOOM_TTA, load_classifier  # noqa: E402
 from shared.model_bundle import DEFAULT_BUNDLE, TFLITE_INT8_FILE, read_meta  # noqa: E402
 
 RUNTIMES = ("litert", "litert-int8", "tensorflow")
 BATCHES = (1, 16, 64)
 RESULTS = ROOT / "bench" / "results" / "classifier.json"
+# name -> (flip_tta, zoom_tta): the settings classify.flip_tta / classify.zoom_tta choose between.
+VIEWS = {"single": (False, ()), "flip": (True, ()), "flip+zoom (served)": (True, DEFAULT_ZOOM_TTA)}
+SERVED_BATCH = 64
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,6 +81,20 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{r['calls']:>8}")
 
 
+def served_views(args: argparse.Namespace, runtimes: list[str], size: int) -> list[dict[str, Any]]:
+    """Faces/s for batches of 64 faces with each set of views, as the classify service runs them."""
+    rows = []
+    crops = random_crops(SERVED_BATCH, size, seed=2)
+    for runtime in runtimes:
+        for name, (flip, zoom) in VIEWS.items():
+            model = load_classifier(args.model, runtime, args.threads, flip_tta=flip, zoom_tta=zoom)  # type: ignore[arg-type]
+            rows.append({"runtime": runtime, "views": name, **faces_per_second(model, crops, args.seconds)})
+    print(f"{'runtime':<13}{'views (64 faces a call)':<26}{'faces/s':>10}{'ms/call':>10}")
+    for r in rows:
+        print(f"{r['runtime']:<13}{r['views']:<26}{r['faces_per_s']:>10.1f}{r['median_ms_per_call']:>10.2f}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     meta = read_meta(args.model)
@@ -90,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
             stats = faces_per_second(models[runtime], random_crops(batch, meta.input_size), args.seconds)
             rows.append({"runtime": runtime, "batch": batch, **stats})
     print_table(rows)
+    served = served_views(args, [r for r in runtimes if r != "tensorflow"], meta.input_size)
     report = {"model": str(args.model), "model_version": meta.version, "threads": args.threads,
               "seconds": args.seconds, "max_abs_diff": diff, "cpu_count": os.cpu_count(),
-              "machine": platform.machine(), "python": platform.python_version(), "results": rows}
+              "machine": platform.machine(), "python": platform.python_version(), "results": rows,
+              "served_views": served}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {args.out}")
