@@ -272,6 +272,9 @@ def test_overload_stays_bounded_and_every_frame_is_counted(tmp_path: Path, redis
     cams = [{"id": f"c{i}", "url": str(video), "fps": 30, "loop": True} for i in range(3)]
     cfg = base_config(model_bundle, cams)
     cfg["detect"] = {"max_frame_age_s": 0.5, "read_count": 4}
+    # Detect must fall behind 90 frames/s whatever the machine: gated detection of this still
+    # scene keeps up on an idle 2-core machine, so every frame is searched whole here.
+    cfg["detector"] = {"motion": {"enabled": False}}
     cfg["ingest"] = {"stream_maxlen": 100, "backpressure_lag": 50}
     ports = {"detect": free_port(), "classify": free_port()}
     r = redis_server.client()
