@@ -113,8 +113,33 @@ class Service:
         return int(self.proc.returncode)
 
 
+def outside_env() -> dict[str, str]:
+    """This process's environment without the settings variables (ES_*, REDIS_URL)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("ES_") and k != "REDIS_URL"}
+
+
+def isolate_env(monkeypatch: Any, env: dict[str, str]) -> None:
+    """Only ``env`` of the settings variables (ES_*, REDIS_URL) is set (``monkeypatch`` is pytest's)."""
+    for key in list(os.environ):
+        if key.startswith("ES_") or key == "REDIS_URL":
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+
+
+def group_idle(server: RedisServer, stream: str, group: str, missing_is_idle: bool = False) -> bool:
+    """Every entry of ``stream`` delivered to ``group`` and acked (a stream that does not exist
+    counts as idle only with ``missing_is_idle``)."""
+    r = server.client()
+    if not r.exists(stream):
+        return missing_is_idle
+    info = {g["name"].decode(): g for g in r.xinfo_groups(stream)}.get(group)
+    last = r.xinfo_stream(stream)["last-generated-id"]
+    return bool(info) and info["pending"] == 0 and info["last-delivered-id"] == last
+
+
 def service_env(redis_url: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ES_") and k != "REDIS_URL"}
+    env = outside_env()
     env.update({"ES_REDIS__URL": redis_url, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"})
     env.update(extra)
     return env

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import REPO, RedisServer, Service, service_env, wait_for
+from support import REPO, RedisServer, Service, outside_env, service_env, wait_for
 
 from shared.cameras import CameraRegistry
 from shared.sample import render_frames, write_video
@@ -23,7 +22,7 @@ KEYS = Keys()
 
 
 def cameras_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ES_") and k != "REDIS_URL"}
+    env = outside_env()
     return subprocess.run([sys.executable, "-m", "shared.cli", "cameras", "--redis-url", url, *args], cwd=REPO,
                           env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
 

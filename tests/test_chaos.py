@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import yaml
 from media import MjpegServer
-from support import REPO, RedisServer, Service, free_port, scrape, service_env, wait_for
+from support import REPO, RedisServer, Service, free_port, group_idle, outside_env, scrape, service_env, wait_for
 
 from shared.detection import DetectorSettings, HaarDetector, detect_and_crop
 from shared.sample import render_frames, write_video
@@ -74,7 +74,7 @@ class Consumer:
     def start(self) -> None:
         # Only the first start places the group; later ones resume it (and their own pending).
         where = ["--from", "start"] if self.starts == 0 else []
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ES_") and k != "REDIS_URL"}
+        env = outside_env()
         with self.out.open("ab") as sink, (self.out.parent / "consumer.err").open("ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "shared.cli", "events", "--redis-url", self.url, "--group", "ledger",
@@ -156,15 +156,6 @@ class Chaos:
             return int(self.redis.client().xlen(KEYS.events))
         except Exception:  # Redis still loading its AOF
             return -1
-
-
-def group_idle(server: RedisServer, stream: str, group: str) -> bool:
-    r = server.client()
-    if not r.exists(stream):
-        return True
-    info = {g["name"].decode(): g for g in r.xinfo_groups(stream)}.get(group)
-    last = r.xinfo_stream(stream)["last-generated-id"]
-    return bool(info) and info["pending"] == 0 and info["last-delivered-id"] == last
 
 
 def frames_of(server: RedisServer, camera: str) -> list[tuple[str, int, np.ndarray]]:
@@ -295,8 +286,9 @@ def test_chaos_every_published_frame_is_accounted_for(tmp_path: Path, model_bund
                      what=f"events flowing again after: {name}")
         last = ingest_counts(chaos.ports["ingest"])
         chaos.procs["ingest"].stop()
-        wait_for(lambda: all(group_idle(redis, KEYS.frames(c), "detect") for c in CAMERAS)
-                 and group_idle(redis, KEYS.faces, "classify") and group_idle(redis, KEYS.events, "ledger"),
+        wait_for(lambda: all(group_idle(redis, KEYS.frames(c), "detect", missing_is_idle=True) for c in CAMERAS)
+                 and group_idle(redis, KEYS.faces, "classify", missing_is_idle=True)
+                 and group_idle(redis, KEYS.events, "ledger", missing_is_idle=True),
                  120, interval=0.2, what="every frame, face and event processed")
         for role in roles:
             svc = chaos.procs[role]

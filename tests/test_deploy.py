@@ -9,7 +9,6 @@ kubernetes-validate) and skip, saying which tool is missing, where it is not ins
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from support import isolate_env
 
 from services.classify.settings import ClassifySettings
 from services.detect.settings import DetectSettings
@@ -76,15 +76,6 @@ def compose() -> dict[str, Any]:
     data = read_yaml(COMPOSE)
     assert isinstance(data, dict)
     return data
-
-
-def isolate_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
-    """Only ``env`` of the settings variables (ES_*, REDIS_URL) is set."""
-    for key in list(os.environ):
-        if key.startswith("ES_") or key == "REDIS_URL":
-            monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, str(value))
 
 
 # ----------------------------------------------------------------------------- metric names

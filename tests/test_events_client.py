@@ -4,7 +4,6 @@ track filters, Redis restarts; and the claim path on the Redis versions the pipe
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from support import REPO, RedisServer, wait_for
+from support import REPO, RedisServer, outside_env, wait_for
 
 from shared.events import EventFilter, EventReader, TrackReader, subscribe
 from shared.schema import FIELD, Box, EventMsg, TrackEventMsg, encode_event, encode_track
@@ -139,7 +138,7 @@ def test_readers_wait_out_a_redis_restart_and_resume_after_the_last_event(tmp_pa
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ES_") and k != "REDIS_URL"}
+    env = outside_env()
     return subprocess.Popen([sys.executable, "-m", "shared.cli", *args], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**env, "PYTHONPATH": str(REPO)})
 

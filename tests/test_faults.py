@@ -22,8 +22,10 @@ from support import (
     Service,
     endpoint_ok,
     free_port,
+    group_idle,
     metric,
     metric_or,
+    outside_env,
     pipeline,
     service_env,
     wait_for,
@@ -81,15 +83,6 @@ def frames_with_faces(server: RedisServer, camera: str) -> set[int]:
         if detect_and_crop(detector, image, 0.1):
             seqs.add(msg.seq)
     return seqs
-
-
-def group_idle(server: RedisServer, stream: str, group: str) -> bool:
-    r = server.client()
-    if not r.exists(stream):
-        return False
-    info = {g["name"].decode(): g for g in r.xinfo_groups(stream)}.get(group)
-    last = r.xinfo_stream(stream)["last-generated-id"]
-    return bool(info) and info["pending"] == 0 and info["last-delivered-id"] == last
 
 
 def kill_a_holder(server: RedisServer, workers: dict[str, Service], stream: str, group: str) -> tuple[str, int]:
@@ -466,7 +459,7 @@ def test_up_ends_at_the_end_of_input_when_redis_is_out_of_memory(tmp_path: Path,
     server = RedisServer(["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"]).start()
     try:
         video = write_video(tmp_path / "clip.mp4", render_frames(60), fps=10)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ES_") and k != "REDIS_URL"}
+        env = outside_env()
         result = subprocess.run(
             [sys.executable, "-m", "shared.cli", "up", "--input", str(video), "--redis-url", server.url,
              "--model", str(model_bundle), "--fps", "10", "--no-web", "--logs", str(tmp_path / "logs")],
@@ -488,7 +481,7 @@ def test_up_waits_out_an_external_redis_restart_and_ends_at_the_end_of_input(tmp
     out = tmp_path / "events.jsonl"
     try:
         video = write_video(tmp_path / "clip.mp4", render_frames(120), fps=10)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ES_") and k != "REDIS_URL"}
+        env = outside_env()
         with out.open("w") as sink:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "shared.cli", "up", "--input", str(video), "--redis-url", server.url,

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from support import REPO, RedisServer
+from support import REPO, RedisServer, outside_env
 
 from shared.sample import render_frames, write_video
 
@@ -17,7 +16,7 @@ pytestmark = [pytest.mark.integration]
 
 
 def cli(*args: str, timeout: float = 180, **env: str) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("ES_") and k != "REDIS_URL"}
+    base = outside_env()
     return subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**base, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", **env})
 

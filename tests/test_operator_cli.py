@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 import yaml
-from support import REPO, RedisServer
+from support import REPO, RedisServer, outside_env
 
 from shared.cameras import CameraRegistry
 from shared.sample import render_frames, write_video
@@ -23,7 +22,7 @@ CLASSES = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")
 
 
 def cli(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("ES_") and k != "REDIS_URL"}
+    base = outside_env()
     return subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**base, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", **env})
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import signal
 import subprocess
@@ -20,7 +19,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
-from support import REPO, RedisServer, Service, endpoint_ok, free_port, service_env, wait_for
+from support import REPO, RedisServer, Service, endpoint_ok, free_port, isolate_env, outside_env, service_env, wait_for
 
 from services.web.app import make_app
 from services.web.context import WebContext
@@ -286,7 +285,7 @@ def check_two_feeds_at_most(url: str) -> None:
 @pytest.mark.integration
 def test_up_starts_the_web_view_prints_its_address_and_it_shows_the_face(tmp_path: Path, model_bundle: Path) -> None:
     video = write_video(tmp_path / "clip.mp4", render_frames(20), fps=4)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ES_") and k != "REDIS_URL"}
+    env = outside_env()
     env.update(PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--input", str(video), "--loop", "--fps", "4",
                              "--model", str(model_bundle), "--web-port", "0", "--json", "--logs", str(tmp_path)],
@@ -322,21 +321,13 @@ def test_up_starts_the_web_view_prints_its_address_and_it_shows_the_face(tmp_pat
 # ----------------------------------------------------------------------------- deployment files
 
 
-def _isolated_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
-    for key in list(os.environ):
-        if key.startswith("ES_") or key == "REDIS_URL":
-            monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, str(value))
-
-
 def test_compose_runs_the_web_view_on_loopback_with_the_pipeline_config(monkeypatch: pytest.MonkeyPatch) -> None:
     svc = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["web"]
     assert svc["ports"] == ["127.0.0.1:8080:8080"]
     assert svc["build"]["dockerfile"] == "deploy/docker/web.Dockerfile"
     assert '"-m", "services.web"' in (REPO / svc["build"]["dockerfile"]).read_text()
     assert "9100/healthz" in " ".join(svc["healthcheck"]["test"])
-    _isolated_env(monkeypatch, svc["environment"])
+    isolate_env(monkeypatch, svc["environment"])
     settings = load(WebSettings, REPO / svc["volumes"][0].split(":")[0])
     assert (settings.web.host, settings.web.port, settings.metrics.port) == ("0.0.0.0", 8080, 9100)
     assert [s.name for s in settings.web.services] == ["ingest", "detect", "classify"]
@@ -355,7 +346,7 @@ def test_k8s_web_deployment_has_probes_a_service_and_loads_its_settings(monkeypa
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert {p["port"] for p in docs[("Service", "web")]["spec"]["ports"]} == {8080, 9100}
     env = {**docs[("ConfigMap", "es-env")]["data"], **{e["name"]: e["value"] for e in container["env"]}}
-    _isolated_env(monkeypatch, {k: v for k, v in env.items() if k.startswith("ES_")})
+    isolate_env(monkeypatch, {k: v for k, v in env.items() if k.startswith("ES_")})
     config = tmp_path / "config.yaml"
     config.write_text(docs[("ConfigMap", "es-config")]["data"]["config.yaml"])
     settings = load(WebSettings, config)
