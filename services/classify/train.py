@@ -490,20 +490,19 @@ def fit(args: argparse.Namespace, train_set: FaceSet, val_set: FaceSet, targets:
     )
 
 
-def train_seconds(history: Path) -> float:
-    lines = [json.loads(line) for line in history.read_text().splitlines() if line] if history.exists() else []
-    return float(lines[-1]["elapsed_s"]) if lines else 0.0
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """The per-epoch lines :class:`Progress` wrote (none when the file is missing)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
 def write_final_bundle(args: argparse.Namespace, train_set: FaceSet, val_set: FaceSet) -> Path:
     from services.classify.export import CALIBRATION_FACES, calibrate_bundle, write_bundle
 
     best = keras.models.load_model(args.out / "best.keras", compile=False)
-    history = args.out / "history.jsonl"
-    epochs_run = len([line for line in history.read_text().splitlines() if line]) if history.exists() else 0
+    history = read_history(args.out / "history.jsonl")
     # Paths are recorded by name only: the bundle travels to other machines.
     record = {"train_args": {k: v.name if isinstance(v, Path) else str(v) for k, v in vars(args).items()},
-              "train_seconds": train_seconds(history), "epochs_run": epochs_run,
+              "train_seconds": float(history[-1]["elapsed_s"]) if history else 0.0, "epochs_run": len(history),
               "arch": asdict(ArchConfig(len(train_set.classes), args.width, args.internal_size, args.dropout, args.l2)),
               "params": int(best.count_params()), "macs": count_macs(best)}
     bundle = args.out / "bundle"
