@@ -111,6 +111,32 @@ def test_wide_48px_variant_is_small_and_cheaper_than_64px() -> None:
     assert count_macs(build_model(ArchConfig())) > 0
 
 
+@needs_tf
+def test_batchnorm_recalibration_sets_the_mean_statistics_of_the_given_faces() -> None:
+    """The first BatchNorm after the stem convolution gets exactly the mean and variance of that
+    convolution's output over the faces (equal batches: the mean of the batch statistics)."""
+    import keras
+
+    from services.classify.model import ArchConfig, build_model, recalibrate_batchnorm
+
+    model = build_model(ArchConfig(width=0.5))
+    rng = np.random.default_rng(5)
+    faces = rng.integers(0, 256, (96, 64, 64, 1)).astype(np.float32)
+    first = next(layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization))
+    stem = keras.Model(model.input, first.input)
+    before = [np.array(w) for w in first.get_weights()]
+    assert recalibrate_batchnorm(model, faces, batch_size=32) == sum(
+        isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+    activations = np.asarray(stem(faces)).reshape(3, -1, first.input.shape[-1])
+    gamma, beta, mean, var = (np.array(w) for w in first.get_weights())
+    np.testing.assert_allclose(mean, activations.mean(axis=(0, 1)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(var, activations.var(axis=1).mean(axis=0), rtol=1e-3, atol=1e-5)
+    assert not np.allclose(mean, before[2])  # a fresh layer holds zeros and ones
+    np.testing.assert_array_equal(gamma, before[0])  # statistics only, no weight moves
+    np.testing.assert_array_equal(beta, before[1])
+    assert first.momentum == 0.99
+
+
 # --- a short real training run --------------------------------------------------------------
 
 # This run reaches 0.35-0.38 on the validation subset, whose majority class is 0.25: a model
@@ -146,6 +172,10 @@ def test_short_training_run_beats_chance(tmp_path: Path, pipeline: str) -> None:
     meta = json.loads((bundle / META_FILE).read_text())
     assert meta["classes"] == list(FER2013_CLASSES)
     assert meta["extra"]["arch"]["width"] == 0.5
+    # BatchNorm statistics were re-estimated on the (3000) plain training faces and judged on --val.
+    recalibration = meta["extra"]["bn_recalibration"]
+    assert recalibration["faces"] == 3000 and recalibration["layers"] == 14
+    assert (", kept" if recalibration["kept"] else ", not kept") in proc.stdout
     val_labels = labels[::6]
     accuracy = _accuracy(val_labels, load_classifier(bundle, "litert").predict(images[::6]))
     majority = np.bincount(val_labels).max() / len(val_labels)
@@ -248,6 +278,37 @@ def test_native_augmentation_moves_faces_a_little_and_flips_about_half() -> None
     changed = np.abs(moved - card).mean(axis=(1, 2, 3))
     assert (changed[~flipped] > 0).mean() > 0.9  # shifted, turned or zoomed
     assert (changed[~flipped] < 60).all()  # but still the same card
+
+
+def test_flip_augmentation_only_mirrors_about_half_the_faces() -> None:
+    from services.classify.train import affine_np
+
+    faces = np.random.default_rng(3).integers(0, 256, (200, 48, 48, 1)).astype(np.float32)
+    out = affine_np(faces, "flip", np.random.default_rng(0))
+    same = (out == faces).all(axis=(1, 2, 3))
+    mirrored = (out == faces[:, :, ::-1]).all(axis=(1, 2, 3))
+    assert (same | mirrored).all()  # nothing shifted, turned or zoomed
+    assert 0.35 < mirrored.mean() < 0.65
+
+
+@needs_tf
+def test_head_stage_trains_only_batchnorm_and_the_classifier() -> None:
+    import argparse
+
+    import keras
+
+    from services.classify.train import classifier_layer, init_model
+
+    args = argparse.Namespace(width=0.5, internal_size=48, dropout=0.0, l2=0.0, init_from=None, trainable="head")
+    model = init_model(args, FER2013_CLASSES)
+    trainable = {id(w) for w in model.trainable_weights}
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    expected = {id(w) for layer in norms for w in layer.trainable_weights}
+    expected |= {id(w) for w in classifier_layer(model).trainable_weights}
+    assert trainable == expected and len(norms) > 0
+    assert classifier_layer(model).kernel.shape[-1] == len(FER2013_CLASSES)
+    args.trainable = "all"
+    assert len(init_model(args, FER2013_CLASSES).trainable_weights) > len(model.trainable_weights)
 
 
 def test_native_erasing_blanks_one_rectangle_in_about_half_the_faces() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 from keras import layers, regularizers
 
 INPUT_SIZE = 64
@@ -85,3 +86,28 @@ def count_macs(model: keras.Model) -> int:
         else:
             total += height * width * in_ch * out_ch * kh * kw
     return int(total)
+
+
+def recalibrate_batchnorm(model: keras.Model, images: np.ndarray, batch_size: int = 512) -> int:
+    """Replace every BatchNormalization layer's moving mean and variance by their average over
+    ``images`` (un-augmented faces), returning the number of layers changed.
+
+    Training ends with statistics gathered on augmented batches (shifted, rotated, zoomed), while
+    the service sees plain crops: re-estimating them on plain faces costs one forward pass and
+    moves no weight. Each batch runs in training mode (normalised with its own statistics, as in
+    training) and the moving statistics are set to the running mean over batches.
+    """
+    norms = [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
+    if not norms or len(images) == 0:
+        return 0
+    saved = [layer.momentum for layer in norms]
+    try:
+        for k, start in enumerate(range(0, len(images), batch_size)):
+            for layer in norms:
+                # moving <- moving * k/(k+1) + batch / (k+1): the plain mean of the batches so far.
+                layer.momentum = k / (k + 1)
+            model(np.asarray(images[start:start + batch_size], dtype=np.float32), training=True)
+    finally:
+        for layer, momentum in zip(norms, saved, strict=True):
+            layer.momentum = momentum
+    return len(norms)

@@ -41,7 +41,7 @@ import keras
 import numpy as np
 
 from services.classify.datasets import FaceSet, default_fer_dir, default_ferplus_dir, load_any, load_ferplus
-from services.classify.model import ArchConfig, build_model, count_macs
+from services.classify.model import ArchConfig, build_model, count_macs, recalibrate_batchnorm
 from shared.model_bundle import DEFAULT_BUNDLE, KERAS_FILE, read_meta
 
 if TYPE_CHECKING:
@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train", type=Path, default=fer / "train.npz", help=".npz or folder per class")
     p.add_argument("--val", type=Path, default=fer / "publictest.npz", help="selection set (.npz or folder)")
     p.add_argument("--out", type=Path, required=True, help="output folder (bundle + checkpoints)")
-    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--epochs", type=int, default=60,
+                   help="0: no training, the --init-from model is finished into a bundle as it is")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine schedule)")
     p.add_argument("--warmup-epochs", type=float, default=2.0)
@@ -69,7 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--internal-size", type=int, default=48, help="trunk resolution (64 = published)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--l2", type=float, default=0.0, help="L2 on conv kernels (published: 0.01)")
-    p.add_argument("--augment", choices=["none", "light", "strong"], default="strong")
+    p.add_argument("--augment", choices=["none", "flip", "light", "strong"], default="strong",
+                   help="flip: mirror images only; light: + shifts of 10%%; strong: + rotation and zoom")
+    p.add_argument("--trainable", choices=["all", "head"], default="all",
+                   help="head: train only the BatchNorm layers and the classifier convolution (a short "
+                        "last stage on plain faces, after the augmented schedule)")
     p.add_argument("--erase", action="store_true", help="random erasing on half of the images")
     p.add_argument("--mixup", type=float, default=0.0,
                    help="mixup: Beta(a, a) parameter a for blending pairs of faces and their targets (0 = off)")
@@ -95,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pipeline", choices=["auto", "tf", "native"], default="auto",
                    help="input pipeline: tf.data on the TensorFlow backend, NumPy batches augmented with "
                         "OpenCV on any backend (auto: tf when Keras runs on TensorFlow)")
+    p.add_argument("--bn-faces", type=int, default=8192,
+                   help="after training, re-estimate BatchNorm statistics on this many un-augmented training "
+                        "faces and keep them if the selection set's accuracy rises (0 = off)")
     p.add_argument("--finish", action="store_true",
                    help="do not train: write the bundle from OUT/best.keras (after a run on a backend "
                         "without TensorFlow)")
@@ -104,10 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def augmenter(kind: str, seed: int) -> keras.Sequential | None:
     if kind == "none":
         return None
-    stack: list[keras.layers.Layer] = [
-        keras.layers.RandomFlip("horizontal", seed=seed),
-        keras.layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", seed=seed + 1),
-    ]
+    stack: list[keras.layers.Layer] = [keras.layers.RandomFlip("horizontal", seed=seed)]
+    if kind == "flip":
+        return keras.Sequential(stack, name="augment")
+    stack.append(keras.layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", seed=seed + 1))
     if kind == "strong":
         stack += [
             keras.layers.RandomRotation(0.04, fill_mode="nearest", seed=seed + 2),
@@ -201,6 +209,8 @@ def affine_np(images: np.ndarray, kind: str, rng: np.random.Generator) -> np.nda
     to 10%, and for ``strong`` rotations up to 0.04 turn and zooms of +-15%."""
     if kind == "none":
         return images
+    if kind == "flip":
+        return np.where(rng.random(len(images))[:, None, None, None] < 0.5, images[:, :, ::-1], images)
     n, h, w = images.shape[:3]
     out = np.empty_like(images)
     for i in range(n):
@@ -398,19 +408,37 @@ def init_model(args: argparse.Namespace, classes: tuple[str, ...]) -> keras.Mode
     cfg = ArchConfig(num_classes=len(classes), width=args.width, internal_size=args.internal_size,
                      dropout=args.dropout, l2=args.l2)
     model = build_model(cfg)
-    if args.init_from is None:
-        return model
-    source = keras.models.load_model(Path(args.init_from) / KERAS_FILE, compile=False)
-    same_head = tuple(read_meta(args.init_from).classes) == classes
+    if args.init_from is not None:
+        copy_weights(model, Path(args.init_from), classes)
+    if args.trainable == "head":
+        set_head_trainable(model)
+    return model
+
+
+def copy_weights(model: keras.Model, bundle: Path, classes: tuple[str, ...]) -> None:
+    source = keras.models.load_model(bundle / KERAS_FILE, compile=False)
+    same_head = tuple(read_meta(bundle).classes) == classes
     copied = 0
     for src, dst in zip(source.layers, model.layers, strict=False):
         shapes_match = [w.shape for w in src.get_weights()] == [w.shape for w in dst.get_weights()]
         if shapes_match and (same_head or src is not source.layers[-3]):
             dst.set_weights(src.get_weights())
             copied += 1
-    log.info("fine-tuning from %s: %d layers copied, head %s", args.init_from, copied,
+    log.info("fine-tuning from %s: %d layers copied, head %s", bundle, copied,
              "kept" if same_head else "re-initialised")
-    return model
+
+
+def set_head_trainable(model: keras.Model) -> None:
+    """Freeze every convolution but the classifier; BatchNorm layers stay trainable (scale, shift
+    and, in training mode, their statistics)."""
+    classifier = classifier_layer(model)
+    for layer in model.layers:
+        layer.trainable = layer is classifier or isinstance(layer, keras.layers.BatchNormalization)
+
+
+def classifier_layer(model: keras.Model) -> keras.layers.Layer:
+    """The last convolution: it maps features to one map per class."""
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)][-1]
 
 
 def compile_model(model: keras.Model, args: argparse.Namespace, steps_per_epoch: int) -> None:
@@ -495,16 +523,39 @@ def read_history(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
+def accuracy(model: keras.Model, faces: FaceSet) -> float:
+    probs = model.predict(faces.images.astype(np.float32)[..., None], batch_size=512, verbose=0)
+    return float(np.mean(np.argmax(probs, axis=1) == faces.labels))
+
+
+def recalibrate_if_better(model: keras.Model, args: argparse.Namespace, train_set: FaceSet,
+                          val_set: FaceSet) -> dict[str, Any]:
+    """Re-estimate BatchNorm statistics on plain training faces; keep them only where the selection
+    set's single-view accuracy rises (the weights themselves are not touched)."""
+    faces = train_set.images[np.random.default_rng(args.seed).permutation(len(train_set.labels))[: args.bn_faces]]
+    before_weights, before = model.get_weights(), accuracy(model, val_set)
+    layers = recalibrate_batchnorm(model, faces[..., None])
+    after = accuracy(model, val_set)
+    kept = after > before
+    if not kept:
+        model.set_weights(before_weights)
+    print(f"BatchNorm statistics re-estimated on {len(faces)} plain training faces ({layers} layers): "
+          f"{Path(args.val).name} {before:.4f} -> {after:.4f}, {'kept' if kept else 'not kept'}", flush=True)
+    return {"faces": len(faces), "layers": layers, "val_before": round(before, 5), "val_after": round(after, 5),
+            "kept": kept}
+
+
 def write_final_bundle(args: argparse.Namespace, train_set: FaceSet, val_set: FaceSet) -> Path:
     from services.classify.export import CALIBRATION_FACES, calibrate_bundle, write_bundle
 
     best = keras.models.load_model(args.out / "best.keras", compile=False)
     history = read_history(args.out / "history.jsonl")
+    recalibration = recalibrate_if_better(best, args, train_set, val_set) if args.bn_faces > 0 else None
     # Paths are recorded by name only: the bundle travels to other machines.
     record = {"train_args": {k: v.name if isinstance(v, Path) else str(v) for k, v in vars(args).items()},
               "train_seconds": float(history[-1]["elapsed_s"]) if history else 0.0, "epochs_run": len(history),
               "arch": asdict(ArchConfig(len(train_set.classes), args.width, args.internal_size, args.dropout, args.l2)),
-              "params": int(best.count_params()), "macs": count_macs(best)}
+              "params": int(best.count_params()), "macs": count_macs(best), "bn_recalibration": recalibration}
     bundle = args.out / "bundle"
     version = args.version or f"mini-xception-w{args.width}-{time.strftime('%Y%m%d')}"
     calibration = train_set.images[np.random.default_rng(0).permutation(len(train_set.labels))[:CALIBRATION_FACES]]
@@ -526,7 +577,10 @@ def train(args: argparse.Namespace) -> Path:
     train_set, val_set, targets = load_sets(args)
     print(f"train {len(train_set.labels)} faces, val {len(val_set.labels)}, classes {list(train_set.classes)}",
           flush=True)
-    if not args.finish:
+    if args.epochs == 0 and not args.finish:
+        # No training: the starting model itself (e.g. --init-from) becomes the result.
+        init_model(args, train_set.classes).save(args.out / "best.keras")
+    elif not args.finish:
         fit(args, train_set, val_set, targets)
     if not tensorflow_available():
         print(f"{args.out / 'best.keras'} written; TensorFlow is not installed here, so make the bundle with "
