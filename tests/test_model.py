@@ -368,6 +368,7 @@ def test_time_budget_plans_epochs_from_the_first_and_decays_to_zero(monkeypatch:
     budget.on_epoch_begin(1)
     budget.on_epoch_end(1)
     assert budget.planned == 8  # 2 done, then 6 of 10 s in 60 s
+    assert train.Progress(500, Path("unused"), budget).epochs == 8  # the log reports the plan
     rates = [budget.rate(e) for e in range(8)]
     assert max(rates) == pytest.approx(1e-3)
     assert rates[2:] == sorted(rates[2:], reverse=True)  # cosine after warm-up

@@ -359,12 +359,17 @@ def training_targets(args: argparse.Namespace, train_set: FaceSet) -> np.ndarray
 class Progress(keras.callbacks.Callback):
     """One line per epoch with an ETA for the whole run (keras' bar covers one epoch only)."""
 
-    def __init__(self, epochs: int, log_path: Path) -> None:
+    def __init__(self, epochs: int, log_path: Path, budget: TimeBudget | None = None) -> None:
         super().__init__()
-        self.epochs = epochs
+        self._epochs = epochs
+        self.budget = budget  # its plan, once made, replaces --epochs
         self.log_path = log_path
         self.started = 0.0
         self.first_epoch = 0
+
+    @property
+    def epochs(self) -> int:
+        return self.budget.planned if self.budget is not None else self._epochs
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self.started = time.monotonic()
@@ -468,9 +473,10 @@ def train_callbacks(args: argparse.Namespace) -> list[keras.callbacks.Callback]:
         callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     callbacks.append(keras.callbacks.ModelCheckpoint(str(args.out / "best.keras"), monitor="val_accuracy",
                                                      mode="max", save_best_only=True))
-    if args.time_budget_s > 0:
-        callbacks.append(TimeBudget(args))
-    callbacks += [Progress(args.epochs, args.out / "history.jsonl"), StopFile(args.out / "stop")]
+    budget = TimeBudget(args) if args.time_budget_s > 0 else None
+    if budget is not None:
+        callbacks.append(budget)  # before Progress, which reports its plan
+    callbacks += [Progress(args.epochs, args.out / "history.jsonl", budget), StopFile(args.out / "stop")]
     return callbacks
 
 
