@@ -187,6 +187,41 @@ def test_short_training_run_beats_chance(tmp_path: Path, pipeline: str) -> None:
     assert int8_accuracy > SHORT_RUN_FLOOR, f"int8 accuracy {int8_accuracy:.4f}"
 
 
+@pytest.mark.slow
+@needs_tf
+@needs_fer
+@pytest.mark.skipif(not (FER_DIR / "train.npz").exists(), reason=f"FER2013 train.npz not found in {FER_DIR}")
+@pytest.mark.timeout(300)
+def test_zero_epochs_finish_the_starting_model_with_plain_face_statistics(tmp_path: Path) -> None:
+    import keras
+
+    images, labels = _publictest()
+    val = tmp_path / "val.npz"
+    np.savez(val, images=images[::6], labels=labels[::6])
+    out = tmp_path / "run"
+    proc = _run_module("services.classify.train", "--train", str(FER_DIR / "train.npz"), "--val", str(val),
+                       "--out", str(out), "--init-from", str(DEFAULT_BUNDLE), "--epochs", "0", "--limit", "2000",
+                       "--width", "1.25", "--bn-faces", "1000", timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "BatchNorm statistics re-estimated on 1000 plain training faces" in proc.stdout
+    meta = json.loads((out / "bundle" / META_FILE).read_text())
+    assert meta["extra"]["epochs_run"] == 0 and meta["extra"]["bn_recalibration"]["faces"] == 1000
+    shipped = keras.models.load_model(DEFAULT_BUNDLE / "model.keras", compile=False)
+    made = keras.models.load_model(out / "bundle" / "model.keras", compile=False)
+    for a, b in zip(shipped.layers, made.layers, strict=True):
+        if isinstance(a, keras.layers.BatchNormalization):
+            continue  # its statistics may have been re-estimated
+        for wa, wb in zip(a.get_weights(), b.get_weights(), strict=True):
+            np.testing.assert_array_equal(wa, wb)  # no training step ran
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--bn-faces"])
+def test_negative_counts_are_refused_by_name(flag: str) -> None:
+    proc = _run_module("services.classify.train", "--out", "unused", flag, "-3")
+    assert proc.returncode == 2
+    assert f"argument {flag}: -3 is negative" in proc.stderr
+
+
 # --- soft training targets: distillation, FER+ votes, mixup ----------------------------------
 
 

@@ -50,6 +50,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fer = default_fer_dir()
     p = argparse.ArgumentParser(prog="python -m services.classify.train", description=__doc__,
@@ -57,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train", type=Path, default=fer / "train.npz", help=".npz or folder per class")
     p.add_argument("--val", type=Path, default=fer / "publictest.npz", help="selection set (.npz or folder)")
     p.add_argument("--out", type=Path, required=True, help="output folder (bundle + checkpoints)")
-    p.add_argument("--epochs", type=int, default=60,
+    p.add_argument("--epochs", type=non_negative, default=60,
                    help="0: no training, the --init-from model is finished into a bundle as it is")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine schedule)")
@@ -100,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pipeline", choices=["auto", "tf", "native"], default="auto",
                    help="input pipeline: tf.data on the TensorFlow backend, NumPy batches augmented with "
                         "OpenCV on any backend (auto: tf when Keras runs on TensorFlow)")
-    p.add_argument("--bn-faces", type=int, default=8192,
+    p.add_argument("--bn-faces", type=non_negative, default=8192,
                    help="after training, re-estimate BatchNorm statistics on this many un-augmented training "
                         "faces and keep them if the selection set's accuracy rises (0 = off)")
     p.add_argument("--finish", action="store_true",
@@ -423,10 +433,11 @@ def init_model(args: argparse.Namespace, classes: tuple[str, ...]) -> keras.Mode
 def copy_weights(model: keras.Model, bundle: Path, classes: tuple[str, ...]) -> None:
     source = keras.models.load_model(bundle / KERAS_FILE, compile=False)
     same_head = tuple(read_meta(bundle).classes) == classes
+    source_classifier = classifier_layer(source)
     copied = 0
     for src, dst in zip(source.layers, model.layers, strict=False):
         shapes_match = [w.shape for w in src.get_weights()] == [w.shape for w in dst.get_weights()]
-        if shapes_match and (same_head or src is not source.layers[-3]):
+        if shapes_match and (same_head or src is not source_classifier):
             dst.set_weights(src.get_weights())
             copied += 1
     log.info("fine-tuning from %s: %d layers copied, head %s", bundle, copied,
