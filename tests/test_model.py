@@ -415,6 +415,88 @@ def test_time_budget_plans_epochs_from_the_first_and_decays_to_zero(monkeypatch:
     assert model.stop_training
 
 
+def test_weight_averaging_schedule_decays_to_the_averaging_rate_and_holds_it() -> None:
+    import argparse
+
+    from services.classify import train
+
+    args = argparse.Namespace(lr=1e-3, warmup_epochs=1.0, time_budget_s=0.0, epochs=20, swa_start=6, swa_lr=2e-4)
+    schedule = train.TimeBudget(args)
+    rates = [schedule.rate(e) for e in range(20)]
+    assert rates[0] == pytest.approx(5e-4)  # warming up
+    assert rates[1] == pytest.approx(1e-3)
+    assert rates[1:5] == sorted(rates[1:5], reverse=True) and rates[3] > 2e-4
+    assert rates[4] == pytest.approx(2e-4)  # epoch 5, the last before averaging, lands on the rate
+    assert rates[5:] == pytest.approx([2e-4] * 15)  # averaged epochs 6-20 keep it
+    assert schedule.planned == 20  # no budget: nothing re-planned
+
+
+@needs_tf
+def test_weight_average_is_the_mean_from_its_start_and_survives_a_restart(tmp_path: Path) -> None:
+    import keras
+
+    from services.classify.train import WeightAverage, read_average
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    path = tmp_path / "swa.npz"
+
+    def epoch(callback: WeightAverage, index: int, value: float) -> None:
+        model.set_weights([np.full_like(w, value) for w in model.get_weights()])
+        callback.on_epoch_end(index)
+
+    first = WeightAverage(start=2, path=path)
+    first.set_model(model)
+    first.on_train_begin()
+    for index, value in enumerate([10.0, 1.0, 2.0, 3.0]):  # epochs 1-4; epoch 1 comes before the start
+        epoch(first, index, value)
+    count, last, mean = read_average(path)
+    assert (count, last) == (3, 4)
+    for m in mean:
+        np.testing.assert_allclose(m, 2.0)
+    # A resumed run reads the average back; an epoch already averaged is not counted twice.
+    second = WeightAverage(start=2, path=path)
+    second.set_model(model)
+    second.on_train_begin()
+    epoch(second, 3, 100.0)
+    epoch(second, 4, 6.0)
+    count, last, mean = read_average(path)
+    assert (count, last) == (4, 5)
+    for m in mean:
+        np.testing.assert_allclose(m, 3.0)
+
+
+@needs_tf
+@needs_fer
+def test_the_weight_average_replaces_the_best_epoch_only_when_it_scores_higher(tmp_path: Path) -> None:
+    import argparse
+
+    import keras
+
+    from services.classify.model import ArchConfig, build_model
+    from services.classify.train import classifier_layer, prefer_average
+
+    faces, labels = _faces(96, seed=5)
+    data = FaceSet(np.ascontiguousarray(_upscale(faces, 64)), labels, FER2013_CLASSES)
+    trained = keras.models.load_model(DEFAULT_BUNDLE / "model.keras", compile=False)
+    untrained = build_model(ArchConfig(num_classes=7, width=1.25))
+    args = argparse.Namespace(out=tmp_path, seed=0, bn_faces=96, val="val.npz")
+
+    def save_average(model: keras.Model) -> None:
+        np.savez(tmp_path / "swa.npz", *model.get_weights(), count=3, last=9)
+
+    # An untrained "best epoch" against an average holding trained weights: the average wins,
+    # with its weights and freshly estimated BatchNorm statistics.
+    save_average(trained)
+    chosen, record = prefer_average(untrained, args, data, data)
+    assert record["kept"] and record["epochs"] == [7, 9] and record["val_average"] > record["val_best"]
+    assert chosen is not untrained
+    np.testing.assert_array_equal(classifier_layer(chosen).get_weights()[0], classifier_layer(trained).get_weights()[0])
+    # The other way round the best epoch stays.
+    save_average(untrained)
+    chosen, record = prefer_average(trained, args, data, data)
+    assert not record["kept"] and chosen is trained
+
+
 @needs_tf
 def test_teacher_probabilities_are_the_served_mean_and_cached(dev_or_shipped_bundle: Path, tmp_path: Path) -> None:
     from services.classify.train import teacher_probabilities

@@ -110,6 +110,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pipeline", choices=["auto", "tf", "native"], default="auto",
                    help="input pipeline: tf.data on the TensorFlow backend, NumPy batches augmented with "
                         "OpenCV on any backend (auto: tf when Keras runs on TensorFlow)")
+    p.add_argument("--swa-start", type=non_negative, default=0,
+                   help="stochastic weight averaging: from this epoch on (1-based) the learning rate stays at "
+                        "--swa-lr and the weights at each epoch's end are averaged; the average (its BatchNorm "
+                        "statistics re-estimated) replaces the best epoch if the selection set's accuracy is "
+                        "higher (0 = off)")
+    p.add_argument("--swa-lr", type=float, default=5e-4,
+                   help="constant learning rate of the averaged epochs; the cosine decay before them ends there")
     p.add_argument("--bn-faces", type=non_negative, default=8192,
                    help="after training, re-estimate BatchNorm statistics on this many un-augmented training "
                         "faces and keep them if the selection set's accuracy rises (0 = off)")
@@ -277,12 +284,15 @@ class FaceBatches(keras.utils.PyDataset):
 
 class TimeBudget(keras.callbacks.Callback):
     """Per-epoch warm-up and cosine decay over the epochs that fit ``budget_s``: planned after the
-    second epoch of this process (the first also pays for compilation); stops once they are done."""
+    second epoch of this process (the first also pays for compilation); stops once they are done.
+    With ``swa_start`` the decay ends at ``swa_lr`` on the epoch before it, and the rate stays there
+    (without a budget, ``epochs`` is the plan)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__()
         self.peak, self.warmup = args.lr, args.warmup_epochs
         self.budget, self.max_epochs = args.time_budget_s, args.epochs
+        self.swa_start, self.swa_lr = getattr(args, "swa_start", 0), getattr(args, "swa_lr", 0.0)
         self.planned = args.epochs
         self.started = 0.0
         self.epoch_started = 0.0
@@ -291,8 +301,15 @@ class TimeBudget(keras.callbacks.Callback):
     def rate(self, epoch: int) -> float:
         if epoch < self.warmup:
             return float(self.peak * (epoch + 1) / (self.warmup + 1))
-        span = max(1.0, self.planned - self.warmup)
-        return float(0.5 * self.peak * (1 + np.cos(np.pi * min(1.0, (epoch - self.warmup) / span))))
+        if self.swa_start > 0:
+            if epoch + 1 >= self.swa_start:
+                return float(self.swa_lr)
+            span = max(1.0, self.swa_start - 2 - self.warmup)  # the epoch before swa_start lands on swa_lr
+            floor = self.swa_lr
+        else:
+            span, floor = max(1.0, self.planned - self.warmup), 0.0
+        progress = min(1.0, (epoch - self.warmup) / span)
+        return float(floor + 0.5 * (self.peak - floor) * (1 + np.cos(np.pi * progress)))
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.epoch_started = time.monotonic()
@@ -301,7 +318,7 @@ class TimeBudget(keras.callbacks.Callback):
         self.model.optimizer.learning_rate.assign(self.rate(epoch))
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if epoch == (self.first or 0) + 1:
+        if epoch == (self.first or 0) + 1 and self.budget > 0:
             now = time.monotonic()
             per_epoch = now - self.epoch_started
             left = self.budget - (now - self.started)
@@ -419,6 +436,41 @@ class StopFile(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class WeightAverage(keras.callbacks.Callback):
+    """Running mean of the weights at the end of every epoch from ``start`` (1-based) on, kept in
+    ``path`` after each so that a resumed run goes on averaging where it stopped."""
+
+    def __init__(self, start: int, path: Path) -> None:
+        super().__init__()
+        self.start, self.path = start, path
+        self.count, self.last = 0, 0
+        self.mean: list[np.ndarray] = []
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if self.path.exists():
+            self.count, self.last, self.mean = read_average(self.path)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if epoch + 1 < self.start or epoch + 1 <= self.last:
+            return
+        weights = [np.asarray(w, dtype=np.float64) for w in self.model.get_weights()]
+        if self.count == 0:
+            self.mean = weights
+        else:
+            self.mean = [m + (w - m) / (self.count + 1) for m, w in zip(self.mean, weights, strict=True)]
+        self.count, self.last = self.count + 1, epoch + 1
+        tmp = self.path.with_suffix(".tmp.npz")
+        np.savez(tmp, *self.mean, count=self.count, last=self.last)
+        tmp.replace(self.path)
+
+
+def read_average(path: Path) -> tuple[int, int, list[np.ndarray]]:
+    """(epochs averaged, last epoch averaged, mean weights) as :class:`WeightAverage` saved them."""
+    with np.load(path) as data:
+        arrays = [data[f"arr_{i}"] for i in range(len(data.files) - 2)]
+        return int(data["count"]), int(data["last"]), arrays
+
+
 def init_model(args: argparse.Namespace, classes: tuple[str, ...]) -> keras.Model:
     cfg = ArchConfig(num_classes=len(classes), width=args.width, internal_size=args.internal_size,
                      dropout=args.dropout, l2=args.l2)
@@ -464,7 +516,7 @@ def compile_model(model: keras.Model, args: argparse.Namespace, steps_per_epoch:
         initial_learning_rate=args.lr / 100, decay_steps=max(1, total - warmup), alpha=0.0,
         warmup_target=args.lr, warmup_steps=warmup,
     )
-    if args.time_budget_s > 0:
+    if args.time_budget_s > 0 or args.swa_start > 0:
         schedule = args.lr / 100  # a variable that TimeBudget sets each epoch
     optimizer = keras.optimizers.AdamW(
         learning_rate=schedule, weight_decay=args.weight_decay,
@@ -484,9 +536,11 @@ def train_callbacks(args: argparse.Namespace) -> list[keras.callbacks.Callback]:
         callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     callbacks.append(keras.callbacks.ModelCheckpoint(str(args.out / "best.keras"), monitor="val_accuracy",
                                                      mode="max", save_best_only=True))
-    budget = TimeBudget(args) if args.time_budget_s > 0 else None
+    budget = TimeBudget(args) if args.time_budget_s > 0 or args.swa_start > 0 else None
     if budget is not None:
         callbacks.append(budget)  # before Progress, which reports its plan
+    if args.swa_start > 0:
+        callbacks.append(WeightAverage(args.swa_start, args.out / "swa.npz"))
     callbacks += [Progress(args.epochs, args.out / "history.jsonl", budget), StopFile(args.out / "stop")]
     return callbacks
 
@@ -562,17 +616,41 @@ def recalibrate_if_better(model: keras.Model, args: argparse.Namespace, train_se
             "kept": kept}
 
 
+def prefer_average(best: keras.Model, args: argparse.Namespace, train_set: FaceSet,
+                   val_set: FaceSet) -> tuple[keras.Model, dict[str, Any]]:
+    """The weight average (with BatchNorm statistics re-estimated: averaged statistics belong to no
+    weights) when it beats the best epoch on the selection set, else the best epoch."""
+    count, last, mean = read_average(args.out / "swa.npz")
+    averaged = keras.models.clone_model(best)
+    averaged.set_weights([m.astype(w.dtype) for m, w in zip(mean, best.get_weights(), strict=True)])
+    faces = train_set.images[np.random.default_rng(args.seed).permutation(len(train_set.labels))[
+        : max(args.bn_faces, 2048)]]
+    recalibrate_batchnorm(averaged, faces[..., None])
+    best_acc, avg_acc = accuracy(best, val_set), accuracy(averaged, val_set)
+    kept = avg_acc > best_acc
+    print(f"weight average of epochs {last - count + 1}-{last} ({count} epochs, BatchNorm re-estimated): "
+          f"{Path(args.val).name} {avg_acc:.4f} against the best epoch's {best_acc:.4f}, "
+          f"{'kept' if kept else 'not kept'}", flush=True)
+    record = {"epochs": [last - count + 1, last], "val_average": round(avg_acc, 5), "val_best": round(best_acc, 5),
+              "kept": kept}
+    return (averaged if kept else best), record
+
+
 def write_final_bundle(args: argparse.Namespace, train_set: FaceSet, val_set: FaceSet) -> Path:
     from services.classify.export import CALIBRATION_FACES, calibrate_bundle, write_bundle
 
     best = keras.models.load_model(args.out / "best.keras", compile=False)
     history = read_history(args.out / "history.jsonl")
     recalibration = recalibrate_if_better(best, args, train_set, val_set) if args.bn_faces > 0 else None
+    swa = None
+    if args.swa_start > 0 and (args.out / "swa.npz").exists():
+        best, swa = prefer_average(best, args, train_set, val_set)
     # Paths are recorded by name only: the bundle travels to other machines.
     record = {"train_args": {k: v.name if isinstance(v, Path) else str(v) for k, v in vars(args).items()},
               "train_seconds": float(history[-1]["elapsed_s"]) if history else 0.0, "epochs_run": len(history),
               "arch": asdict(ArchConfig(len(train_set.classes), args.width, args.internal_size, args.dropout, args.l2)),
-              "params": int(best.count_params()), "macs": count_macs(best), "bn_recalibration": recalibration}
+              "params": int(best.count_params()), "macs": count_macs(best), "bn_recalibration": recalibration,
+              "swa": swa}
     bundle = args.out / "bundle"
     version = args.version or f"mini-xception-w{args.width}-{time.strftime('%Y%m%d')}"
     calibration = train_set.images[np.random.default_rng(0).permutation(len(train_set.labels))[:CALIBRATION_FACES]]
