@@ -378,7 +378,7 @@ def test_time_budget_plans_epochs_from_the_first_and_decays_to_zero(monkeypatch:
 
     from services.classify import train
 
-    args = argparse.Namespace(lr=1e-3, warmup_epochs=2.0, time_budget_s=100.0, epochs=500)
+    args = argparse.Namespace(lr=1e-3, warmup_epochs=2.0, time_budget_s=100.0, epochs=500, swa_start=0, swa_lr=0.0)
     budget = train.TimeBudget(args)
 
     class Model:

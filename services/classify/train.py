@@ -292,7 +292,7 @@ class TimeBudget(keras.callbacks.Callback):
         super().__init__()
         self.peak, self.warmup = args.lr, args.warmup_epochs
         self.budget, self.max_epochs = args.time_budget_s, args.epochs
-        self.swa_start, self.swa_lr = getattr(args, "swa_start", 0), getattr(args, "swa_lr", 0.0)
+        self.swa_start, self.swa_lr = args.swa_start, args.swa_lr
         self.planned = args.epochs
         self.started = 0.0
         self.epoch_started = 0.0
@@ -599,11 +599,16 @@ def accuracy(model: keras.Model, faces: FaceSet) -> float:
     return float(np.mean(np.argmax(probs, axis=1) == faces.labels))
 
 
+def plain_faces(train_set: FaceSet, n: int, seed: int) -> np.ndarray:
+    """``n`` un-augmented training faces, the same ones for every use with the same seed."""
+    return train_set.images[np.random.default_rng(seed).permutation(len(train_set.labels))[:n]]
+
+
 def recalibrate_if_better(model: keras.Model, args: argparse.Namespace, train_set: FaceSet,
                           val_set: FaceSet) -> dict[str, Any]:
     """Re-estimate BatchNorm statistics on plain training faces; keep them only where the selection
     set's single-view accuracy rises (the weights themselves are not touched)."""
-    faces = train_set.images[np.random.default_rng(args.seed).permutation(len(train_set.labels))[: args.bn_faces]]
+    faces = plain_faces(train_set, args.bn_faces, args.seed)
     before_weights, before = model.get_weights(), accuracy(model, val_set)
     layers = recalibrate_batchnorm(model, faces[..., None])
     after = accuracy(model, val_set)
@@ -623,9 +628,8 @@ def prefer_average(best: keras.Model, args: argparse.Namespace, train_set: FaceS
     count, last, mean = read_average(args.out / "swa.npz")
     averaged = keras.models.clone_model(best)
     averaged.set_weights([m.astype(w.dtype) for m, w in zip(mean, best.get_weights(), strict=True)])
-    faces = train_set.images[np.random.default_rng(args.seed).permutation(len(train_set.labels))[
-        : max(args.bn_faces, 2048)]]
-    recalibrate_batchnorm(averaged, faces[..., None])
+    # Needed even with --bn-faces 0: the averaged statistics are meaningless.
+    recalibrate_batchnorm(averaged, plain_faces(train_set, max(args.bn_faces, 2048), args.seed)[..., None])
     best_acc, avg_acc = accuracy(best, val_set), accuracy(averaged, val_set)
     kept = avg_acc > best_acc
     print(f"weight average of epochs {last - count + 1}-{last} ({count} epochs, BatchNorm re-estimated): "
