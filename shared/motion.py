@@ -67,6 +67,15 @@ class MotionSettings(BaseModel):
                                    description="a known face where nothing changed since the previous frame keeps its "
                                                "box without a detector run, confirmed by one at least this often "
                                                "(0 = every frame)")
+    follow_confirm_s: float = Field(0.3, ge=0.0, le=60.0,
+                                    description="a known face that moves is followed by its look between frames and "
+                                                "confirmed by the detector around it at least this often")
+    follow_min_score: float = Field(0.5, ge=-1.0, le=1.0,
+                                    description="how closely (normalised cross-correlation) the face's look must "
+                                                "match for it to be followed without a detector run")
+    max_unconfirmed_s: float = Field(1.0, ge=0.0, le=60.0,
+                                     description="a face the detector has not found for this long is no longer "
+                                                 "reported (its look alone does not keep it longer)")
     forget_after_s: float = Field(2.0, ge=0.0, le=60.0,
                                   description="how long a known face that was not found is still looked for where "
                                               "it was last seen (someone walked past it)")
