@@ -46,8 +46,9 @@ EXPLAINED_BODY = 0.0
 
 # Two faces overlapping this much (intersection over the smaller) are one face.
 SAME_FACE = 0.5
-# A hit less than this share of a known face's width, inside it, is a part of that face.
-PART_OF_FACE = 0.6
+# A hit inside a known face with a width of this share of the face's (low inclusive, high
+# exclusive) is a part of that face; a smaller one is another face, a larger one the face.
+PART_OF_FACE = (0.3, 0.6)
 
 
 @dataclass
@@ -229,7 +230,8 @@ class GatedDetector:
         """Two followed faces that drifted onto one: the one confirmed last stays."""
         kept: list[_Face] = []
         for face in sorted(state.faces, key=lambda f: (not f.present, -f.confirmed)):
-            if not any(overlap(face.box, k.box) >= SAME_FACE for k in kept if k.present or not face.present):
+            if not any(overlap(face.box, k.box) >= SAME_FACE and _similar(face.box, k.box)
+                       for k in kept if k.present or not face.present):
                 kept.append(face)
         state.faces = kept
 
@@ -246,10 +248,15 @@ class GatedDetector:
                 state.faces.append(_Face(hit, now, now, look_of(gray, hit)))
                 continue
             face = max(same, key=lambda f: (f.present, f.confirmed))
-            # Haar also fires on parts of a large face (an eye and the nose, the mouth): a much
-            # smaller hit inside a face found lately is that face's part, not the face.
-            if hit.w >= PART_OF_FACE * face.box.w or now - face.confirmed > self.motion_cfg.max_unconfirmed_s:
+            share = hit.w / max(1, face.box.w)
+            if share < PART_OF_FACE[0]:
+                # far smaller than the known box: another face in front of or inside a large
+                # (often false) box, as whole-frame search keeps them apart
+                state.faces.append(_Face(hit, now, now, look_of(gray, hit)))
+            elif share >= PART_OF_FACE[1] or now - face.confirmed > self.motion_cfg.max_unconfirmed_s:
                 self._confirm(gray, face, hit, now)
+            # else: Haar also fires on parts of a large face (the eyes and nose, the mouth) when
+            # a region holds only part of it: that is the face found lately, not a new one
 
     def _regions(self, state: _GateState, motion: Motion, now: float, w: int, h: int) -> list[Box]:
         """What changed (and now and then what differs from the background), less what a face
@@ -294,6 +301,11 @@ def _explained(change: Box, found: list[Box], lost: list[Box], cfg: DetectorSett
         zone = Box(zone.x, zone.y, zone.w, zone.h + round(face.h * EXPLAINED_BODY))
         inside = max(inside, _intersection(change, zone))
     return inside >= EXPLAINED_SHARE * change.w * change.h
+
+
+def _similar(a: Box, b: Box) -> bool:
+    """Sizes close enough for two overlapping boxes to be one face."""
+    return min(a.w, b.w) >= PART_OF_FACE[0] * max(a.w, b.w)
 
 
 def _around(box: Box, expand: float) -> Box:
