@@ -109,7 +109,8 @@ def click_at(driver: Any, element: Any, fx: float, fy: float) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
 
     w, h = element.size["width"], element.size["height"]
-    ActionChains(driver).move_to_element_with_offset(element, int((fx - 0.5) * w), int((fy - 0.5) * h)).click().perform()
+    offset = (int((fx - 0.5) * w), int((fy - 0.5) * h))
+    ActionChains(driver).move_to_element_with_offset(element, *offset).click().perform()
 
 
 @pytest.mark.integration
