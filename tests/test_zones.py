@@ -8,6 +8,8 @@ its way in so the test sees exactly what the detector was given.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -17,11 +19,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from skimage import data
-from support import RedisServer, wait_for
+from support import REPO, RedisServer, outside_env, wait_for
 
 from services.detect.settings import DetectSettings
 from services.detect.worker import DetectMetrics, DetectWorker
-from shared.cameras import CameraSettings
+from shared.cameras import CameraRegistry, CameraSettings
 from shared.detection import DetectorSettings, make_camera_detector
 from shared.events import EventFilter
 from shared.schema import FIELD, Box, EventMsg, FacesMsg, FrameMsg, decode_faces, encode_frame
@@ -181,3 +183,32 @@ def test_zones_reach_the_event_json() -> None:
     ev = EventMsg(event_id="c:1:0", camera="c", seq=1, face=0, capture_ts=1.0, publish_ts=1.1, box=Box(1, 1, 9, 9),
                   label="Happy", score=0.9, classes=("Happy",), probs=(0.9,), model_version="m", zones=("door",))
     assert ev.to_dict()["zones"] == ["door"]
+
+
+def cameras_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shared.cli", "cameras", "--redis-url", url, *args], cwd=REPO,
+                          env={**outside_env(), "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+
+
+def test_cameras_cli_sets_mask_and_zones_and_names_bad_fields(redis_server: RedisServer) -> None:
+    registry = CameraRegistry(redis_server.client())
+    added = cameras_cli(redis_server.url, "add", "hall", "hall.mp4", "--mask", "0,0 0.3,0 0.3,0.3",
+                        "--zone", "door=0.5,0 1,0 1,1 0.5,1", "--zone", "desk=10,300 200,300 200,470")
+    assert added.returncode == 0, added.stderr
+    cam = registry.cameras()[0]["hall"]
+    assert cam.mask == [[(0, 0), (0.3, 0), (0.3, 0.3)]]
+    assert [(z.name, len(z.points)) for z in cam.zones] == [("door", 4), ("desk", 3)]
+
+    bad = cameras_cli(redis_server.url, "update", "hall", "--zone", "door=0,0 1,0 1,1", "--zone", "desk=0,0 1,1")
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: zones[1].points: List should have at least 3 items"), bad.stderr
+    unparsable = cameras_cli(redis_server.url, "update", "hall", "--mask", "0,0 0.5;x")
+    assert unparsable.returncode == 2 and "mask[0]: point 1 '0.5' is not 'x,y'" in unparsable.stderr
+
+    # an update without geometry options keeps them; --clear-mask drops the mask only
+    assert cameras_cli(redis_server.url, "update", "hall", "--fps", "3").returncode == 0
+    assert registry.cameras()[0]["hall"].zones == cam.zones
+    assert cameras_cli(redis_server.url, "update", "hall", "--clear-mask").returncode == 0
+    assert registry.cameras()[0]["hall"].mask == [] and registry.cameras()[0]["hall"].zones == cam.zones
+    listed = cameras_cli(redis_server.url, "list")
+    assert "mask=0\tzones=door,desk" in listed.stdout, listed.stdout
