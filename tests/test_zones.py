@@ -93,6 +93,7 @@ class Recording:
     def __init__(self) -> None:
         self.inner = make_camera_detector(DetectorSettings())
         self.given: list[np.ndarray] = []
+        self.reports: list[Any] = []
 
     @property
     def last(self) -> Any:
@@ -100,15 +101,19 @@ class Recording:
 
     def detect(self, gray: np.ndarray, camera: str = "", ts: float | None = None) -> list[Box]:
         self.given.append(gray.copy())
-        return self.inner.detect(gray, camera, ts)
+        found = self.inner.detect(gray, camera, ts)
+        self.reports.append(self.inner.last)  # what this frame cost: motion seen, pixels searched
+        return found
 
     def forget(self, camera: str) -> None:
         self.inner.forget(camera)
 
 
-def run_detect(server: RedisServer, cam: dict[str, Any], frame: np.ndarray, n: int) -> tuple[
+def run_detect(server: RedisServer, cam: dict[str, Any], frame: np.ndarray | list[np.ndarray], n: int) -> tuple[
         list[FacesMsg], Recording, CollectorRegistry]:
-    """``n`` frames of ``frame`` through an in-process detect worker configured with ``cam``."""
+    """``n`` frames (``frame`` each time, or the list's in turn) through an in-process detect worker
+    configured with ``cam``."""
+    frames = frame if isinstance(frame, list) else [frame] * n
     r = server.client()
     settings = DetectSettings.model_validate({
         "redis": {"url": server.url}, "consumer": "detect-test", "streams": {"block_ms": 100},
@@ -118,10 +123,10 @@ def run_detect(server: RedisServer, cam: dict[str, Any], frame: np.ndarray, n: i
     recording = Recording()
     worker = DetectWorker(settings, r, recording, DetectMetrics(registry))  # type: ignore[arg-type]
     r.sadd(KEYS.cameras, "cam0")
-    jpeg = cv2.imencode(".png", frame)[1].tobytes()  # lossless: the test compares pixels
-    h, w = frame.shape[:2]
+    h, w = frames[0].shape[:2]
     start = time.time()
     for seq in range(n):
+        jpeg = cv2.imencode(".png", frames[seq])[1].tobytes()  # lossless: the test compares pixels
         msg = FrameMsg(camera="cam0", seq=seq, capture_ts=start + seq * 0.1, width=w, height=h, jpeg=jpeg)
         r.xadd(KEYS.frames("cam0"), {FIELD: encode_frame(msg)})
 
@@ -212,3 +217,24 @@ def test_cameras_cli_sets_mask_and_zones_and_names_bad_fields(redis_server: Redi
     assert registry.cameras()[0]["hall"].mask == [] and registry.cameras()[0]["hall"].zones == cam.zones
     listed = cameras_cli(redis_server.url, "list")
     assert "mask=0\tzones=door,desk" in listed.stdout, listed.stdout
+
+
+def test_motion_under_the_mask_is_not_seen(redis_server: RedisServer) -> None:
+    """The left head moves on every frame, the right one stands still: with the left half masked
+    the camera looks still (no motion, and no detector run between the still face's rechecks)."""
+    frames = []
+    for i in range(8):
+        frame = two_faces()
+        frame[:, :300] = grey(data.coffee())[:, :300]
+        x = 10 + 12 * i
+        frame[100:280, x:x + 170] = grey(data.astronaut())[30:210, 140:310]
+        frames.append(frame)
+    _, unmasked, _ = run_detect(redis_server, {}, frames, 8)
+    assert all(r.moved > 0.01 for r in unmasked.reports[1:]), [r.moved for r in unmasked.reports]
+
+    redis_server.client().flushall()
+    _, masked, registry = run_detect(redis_server, {"mask": [LEFT_HALF]}, frames, 8)
+    assert [r.moved for r in masked.reports[1:]] == [0.0] * 7
+    skipped = sum(r.skipped for r in masked.reports)
+    assert skipped >= 3, "frames where nothing moved cost no detector run (between the still face's rechecks)"
+    assert registry.get_sample_value("es_detect_motionless_frames_total", {"camera": "cam0"}) == skipped
