@@ -195,6 +195,7 @@ def cameras_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
                           env={**outside_env(), "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.integration
 def test_cameras_cli_sets_mask_and_zones_and_names_bad_fields(redis_server: RedisServer) -> None:
     registry = CameraRegistry(redis_server.client())
     added = cameras_cli(redis_server.url, "add", "hall", "hall.mp4", "--mask", "0,0 0.3,0 0.3,0.3",
