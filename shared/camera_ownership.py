@@ -86,7 +86,7 @@ class CameraOwnership:
         for cid, cam in running.items():
             if cid not in desired:
                 plan.stop.append(Stop(cid, "removed"))
-            elif desired[cid] != cam:
+            elif desired[cid].reader_view() != cam.reader_view():
                 plan.stop.append(Stop(cid, "settings changed"))
             elif not alive(cid):
                 plan.stop.append(Stop(cid, "reader died"))

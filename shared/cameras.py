@@ -12,11 +12,12 @@ import time
 from typing import Any
 
 import redis
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from shared.leases import LeasePool
 from shared.settings import Section, format_errors
 from shared.sources import source_kind
+from shared.zones import MAX_POLYGONS, Polygon, Zone, check_zone_names
 
 
 class CameraSettings(Section):
@@ -25,12 +26,26 @@ class CameraSettings(Section):
     fps: float = Field(10.0, ge=0.0, le=120.0, description="target frames/s (0 = as fast as the source gives)")
     loop: bool = Field(False, description="files: start again at the end instead of ending")
     jpeg_quality: int | None = Field(None, ge=10, le=100, description="override of the service's JPEG quality")
+    mask: list[Polygon] = Field(default_factory=list, max_length=MAX_POLYGONS,
+                                description="polygons where faces are ignored: not searched, no motion counted, a face "
+                                            "whose centre is inside dropped (pixels, or fractions 0..1)")
+    zones: list[Zone] = Field(default_factory=list, max_length=MAX_POLYGONS,
+                              description="named polygons; each event carries the zones its face centre is in")
 
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, v: str) -> str:
         source_kind(v)
         return v
+
+    @model_validator(mode="after")
+    def _unique_zones(self) -> CameraSettings:
+        check_zone_names(self.zones)
+        return self
+
+    def reader_view(self) -> dict[str, object]:
+        """The settings a camera reader uses: a change of mask or zones needs no reconnect."""
+        return self.model_dump(exclude={"mask", "zones"})
 
 
 

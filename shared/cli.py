@@ -7,7 +7,9 @@ import contextlib
 import runpy
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 from pydantic import ValidationError
@@ -18,6 +20,7 @@ from shared.events import EventReader, TrackReader
 from shared.schema import EventMsg, TrackEventMsg
 from shared.settings import ConfigError, RedisSettings, ServiceSettings, format_errors, load, mask_url
 from shared.streams import TRANSIENT_ERRORS, Keys, connect
+from shared.zones import geometry_errors, parse_points, parse_zone
 
 SERVICES = ("ingest", "detect", "classify", "web")
 
@@ -58,6 +61,9 @@ def events_main(argv: list[str]) -> int:
                    help="print track events (started / changed / ended) instead of per-frame events")
     add_filter_args(p)
     args = p.parse_args(argv)
+    if args.tracks and args.zone:
+        print("error: --zone filters per-frame events; track events carry no zones", file=sys.stderr)
+        return 2
     try:
         cfg = redis_settings(args)
     except ConfigError as exc:
@@ -119,11 +125,15 @@ def cameras_main(argv: list[str]) -> int:
     add.add_argument("url")
     add.add_argument("--fps", type=float, default=10.0)
     add.add_argument("--loop", action=argparse.BooleanOptionalAction, default=False)
+    add_geometry_args(add)
     update = sub.add_parser("update", help="change a camera: only the fields given")
     update.add_argument("id")
     update.add_argument("url", nargs="?", default=None)
     update.add_argument("--fps", type=float, default=None)
     update.add_argument("--loop", action=argparse.BooleanOptionalAction, default=None)
+    add_geometry_args(update)
+    update.add_argument("--clear-mask", action="store_true", help="remove the camera's mask")
+    update.add_argument("--clear-zones", action="store_true", help="remove the camera's zones")
     rm = sub.add_parser("remove", help="remove a camera")
     rm.add_argument("id")
     args = p.parse_args(argv)
@@ -147,9 +157,10 @@ def _camera_action(registry: CameraRegistry, args: argparse.Namespace) -> int:
             return 2
         given = {k: v for k, v in {"url": args.url, "fps": args.fps, "loop": args.loop}.items() if v is not None}
         try:
+            given.update(geometry_given(args))
             cam = CameraSettings.model_validate({**(current.model_dump() if current else {}), "id": args.id, **given})
         except ValidationError as exc:
-            print("\n".join(format_errors(exc)), file=sys.stderr)
+            print("\n".join(f"error: {line}" for line in geometry_errors(exc)), file=sys.stderr)
             return 2
         registry.put(cam, must_exist=args.action == "update")
         print(f"camera {cam.id} {'added' if args.action == 'add' else 'updated'}")
@@ -162,12 +173,42 @@ def _camera_action(registry: CameraRegistry, args: argparse.Namespace) -> int:
     elif args.action == "list":
         cams, bad = registry.cameras()
         for cam in cams.values():
-            print(f"{cam.id}\t{mask_url(cam.url)}\tfps={cam.fps:g}\tloop={cam.loop}")
+            zones = ",".join(z.name for z in cam.zones) or "-"
+            print(f"{cam.id}\t{mask_url(cam.url)}\tfps={cam.fps:g}\tloop={cam.loop}\tmask={len(cam.mask)}\t"
+                  f"zones={zones}")
         for line in bad:
             print(f"invalid: {line}", file=sys.stderr)
     else:
         _print_status(registry)
     return 0
+
+
+def add_geometry_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mask", action="append", default=None, metavar="'X,Y X,Y X,Y ...'",
+                   help="a polygon where faces are ignored (repeatable; replaces the camera's mask): pixels, or "
+                        "fractions 0..1 of the frame")
+    p.add_argument("--zone", action="append", default=None, metavar="'NAME=X,Y X,Y X,Y ...'",
+                   help="a named zone (repeatable; replaces the camera's zones); events carry the zones of their face")
+
+
+def geometry_given(args: argparse.Namespace) -> dict[str, object]:
+    """The mask and zones the options set; a polygon that does not parse is refused by field name."""
+    given: dict[str, object] = {}
+    try:
+        if args.mask is not None or getattr(args, "clear_mask", False):
+            given["mask"] = [_parsed(f"mask[{i}]", parse_points, text) for i, text in enumerate(args.mask or [])]
+        if args.zone is not None or getattr(args, "clear_zones", False):
+            given["zones"] = [_parsed(f"zones[{i}]", parse_zone, text) for i, text in enumerate(args.zone or [])]
+    except ValueError as exc:
+        raise ConfigError([f"error: {exc}"]) from None
+    return given
+
+
+def _parsed(field: str, parse: Callable[[str], Any], text: str) -> Any:
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise ValueError(f"{field}: {exc}") from None
 
 
 def _warn_without_dynamic_ingest(registry: CameraRegistry) -> None:

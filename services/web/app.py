@@ -55,7 +55,7 @@ def api_cameras(request: Request) -> Response:
 def face_dict(ctx: WebContext, ev: EventMsg) -> dict[str, Any]:
     smoothed = ctx.state.track_emotion(ev.camera, ev.track_id)
     return {"box": ev.box.to_list(), "label": ev.label, "score": round(ev.score, 3), "track_id": ev.track_id,
-            "emotion": smoothed or ev.label}
+            "emotion": smoothed or ev.label, "zones": list(ev.zones)}
 
 
 def api_latest(request: Request) -> Response:

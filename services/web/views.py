@@ -96,7 +96,9 @@ def camera_list(r: Any, keys: Keys, registry: CameraRegistry, static: Sequence[C
     for cid in ids:
         cfg = configured.get(cid)
         entry: dict[str, Any] = {"id": cid, "url": mask_url(cfg.url) if cfg else None,
-                                 "fps": cfg.fps if cfg else None, "loop": cfg.loop if cfg else None}
+                                 "fps": cfg.fps if cfg else None, "loop": cfg.loop if cfg else None,
+                                 "mask": cfg.model_dump()["mask"] if cfg else [],
+                                 "zones": cfg.model_dump()["zones"] if cfg else []}
         entry.update(_state(r, keys, cid, statuses.get(cid)))
         cams.append(entry)
     return {"cameras": cams, "invalid": invalid, "dynamic": dynamic_ingest_alive(r, registry)}
