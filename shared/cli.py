@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from shared.cameras import CameraRegistry, CameraSettings
 from shared.console import add_filter_args, make_filter, print_event
 from shared.events import EventReader, TrackReader
+from shared.masking import mask_text, restore_secrets
 from shared.schema import EventMsg, TrackEventMsg
 from shared.settings import ConfigError, RedisSettings, ServiceSettings, format_errors, load, mask_url
 from shared.streams import TRANSIENT_ERRORS, Keys, connect
@@ -69,7 +70,7 @@ def events_main(argv: list[str]) -> int:
         r = connect(cfg)
         reader: EventReader | TrackReader = TrackReader(r, **options) if args.tracks else EventReader(r, **options)
     except (ValueError, redis.RedisError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {mask_text(str(exc))}", file=sys.stderr)
         return 2
     return _print_loop(reader, args.json, args.count)
 
@@ -135,7 +136,7 @@ def cameras_main(argv: list[str]) -> int:
         print("\n".join(exc.lines), file=sys.stderr)
         return 2
     except (ValueError, KeyError, redis.RedisError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {mask_text(str(exc))}", file=sys.stderr)
         return 2
 
 
@@ -145,7 +146,8 @@ def _camera_action(registry: CameraRegistry, args: argparse.Namespace) -> int:
         if args.action == "update" and current is None:
             print(f"error: camera {args.id!r} does not exist", file=sys.stderr)
             return 2
-        given = {k: v for k, v in {"url": args.url, "fps": args.fps, "loop": args.loop}.items() if v is not None}
+        url = restore_secrets(args.url, current.url) if args.url and current else args.url
+        given = {k: v for k, v in {"url": url, "fps": args.fps, "loop": args.loop}.items() if v is not None}
         try:
             cam = CameraSettings.model_validate({**(current.model_dump() if current else {}), "id": args.id, **given})
         except ValidationError as exc:

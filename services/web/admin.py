@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from services.web.context import RequestError, WebContext, camera_id, context_of
 from services.web.views import dynamic_ingest_alive
 from shared.cameras import CameraSettings
+from shared.masking import restore_secrets
 from shared.settings import format_errors, mask_url
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,9 @@ def _require_dynamic(ctx: WebContext) -> None:
 
 def _camera_from(body: dict[str, Any], cid: str, current: CameraSettings | None) -> CameraSettings:
     url = str(body.get("url") or "")
-    if current is not None and (not url or url == mask_url(current.url)):
-        url = current.url  # the page only ever saw the masked URL: keep the stored credentials
+    if current is not None:
+        # the page only ever saw the masked URL: keep the stored credentials
+        url = restore_secrets(url, current.url) if url else current.url
     fields = {"id": cid, "url": url, "fps": body.get("fps", current.fps if current else 10.0),
               "loop": bool(body.get("loop", current.loop if current else False))}
     try:
