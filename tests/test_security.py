@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from support import RedisServer, Service, endpoint_ok, free_port, service_env, wait_for
+from support import RedisServer, Service, endpoint_ok, free_port, make_certs, service_env, wait_for
 
 from shared.settings import RedisSettings
 from shared.streams import connect
@@ -62,24 +62,8 @@ def test_services_with_credentials_run_and_never_log_them(tmp_path: Path, auth_s
     assert 'es_camera_reconnects_total{camera="door"}' in metrics
 
 
-def _make_certs(tmp: Path) -> dict[str, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    ca_key, ca, key, csr, cert = (tmp / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt"))
-    run = [["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2",
-            "-subj", "/CN=test-ca"],
-           ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
-           ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
-            "-days", "2", "-extfile", "/dev/stdin"]]
-    for cmd in run[:2]:
-        subprocess.run([str(c) for c in cmd], check=True, capture_output=True, timeout=60)
-    subprocess.run([str(c) for c in run[2]], input=b"subjectAltName=IP:127.0.0.1\n", check=True, capture_output=True,
-                   timeout=60)
-    return {"ca": ca, "key": key, "cert": cert}
-
-
 def test_tls_connection_with_ca(tmp_path: Path) -> None:
-    certs = _make_certs(tmp_path)
+    certs = make_certs(tmp_path)
     tls_port = free_port()
     binary = shutil.which("redis-server")
     assert binary

@@ -19,6 +19,7 @@ from services.web.admin import api_camera_add, api_camera_remove, api_camera_upd
 from services.web.auth import AuthMiddleware
 from services.web.context import STREAM_ID, RequestError, WebContext, camera_id, context_of
 from services.web.feed import api_events
+from services.web.guard import HostGuard
 from services.web.views import camera_list, find_frame, frame_jpeg, scrape, stream_lags
 from shared.masking import mask_text
 from shared.schema import EventMsg
@@ -157,4 +158,5 @@ def make_app(ctx: WebContext) -> Starlette:
     app = Starlette(routes=routes, exception_handlers=handlers)
     app.state.ctx = ctx
     app.add_middleware(AuthMiddleware, opts=ctx.opts)
+    app.add_middleware(HostGuard, opts=ctx.opts)  # added last, so it runs first: before auth and every route
     return app
