@@ -12,12 +12,13 @@ from pathlib import Path
 import redis
 from pydantic import ValidationError
 
-from shared.cameras import CameraRegistry, CameraSettings
+from shared.cameras import CameraRegistry, CameraSettings, SourcePolicyView
 from shared.console import add_filter_args, make_filter, print_event
 from shared.events import EventReader, TrackReader
 from shared.masking import mask_text, restore_secrets
 from shared.schema import EventMsg, TrackEventMsg
 from shared.settings import ConfigError, RedisSettings, ServiceSettings, format_errors, load, mask_url
+from shared.sources import SourceRefusedError
 from shared.streams import TRANSIENT_ERRORS, Keys, connect
 
 SERVICES = ("ingest", "detect", "classify", "web")
@@ -108,6 +109,12 @@ def _wanted(reader: EventReader | TrackReader, msg: EventMsg | TrackEventMsg) ->
     return reader.filt.matches_track(msg)
 
 
+class CamerasCommandSettings(ServiceSettings):
+    """What ``emotion-stream cameras`` reads besides Redis: the source policy, from the ingest section."""
+
+    ingest: SourcePolicyView = SourcePolicyView()
+
+
 def cameras_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="emotion-stream cameras",
                                 description="Manage the cameras of ingest replicas running with ingest.dynamic: true.")
@@ -130,7 +137,8 @@ def cameras_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         cfg = redis_settings(args)
-        registry = CameraRegistry(connect(cfg), cfg.prefix)
+        policy = load(CamerasCommandSettings, args.config).ingest.policy()
+        registry = CameraRegistry(connect(cfg), cfg.prefix, policy)
         return _camera_action(registry, args)
     except ConfigError as exc:
         print("\n".join(exc.lines), file=sys.stderr)
@@ -153,7 +161,11 @@ def _camera_action(registry: CameraRegistry, args: argparse.Namespace) -> int:
         except ValidationError as exc:
             print("\n".join(format_errors(exc)), file=sys.stderr)
             return 2
-        registry.put(cam, must_exist=args.action == "update")
+        try:
+            registry.put(cam, must_exist=args.action == "update")
+        except SourceRefusedError as exc:
+            print(f"error: url = {mask_url(cam.url)!r}: {exc}", file=sys.stderr)
+            return 2
         print(f"camera {cam.id} {'added' if args.action == 'add' else 'updated'}")
         _warn_without_dynamic_ingest(registry)
     elif args.action == "remove":

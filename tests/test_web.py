@@ -125,7 +125,7 @@ def test_static_cameras_come_from_the_settings_file_masked_and_the_registry_wins
     assert [(c["id"], c["url"], c["fps"], c["state"]) for c in listing["cameras"]] == [
         ("gate", "rtsp://admin:***@10.0.0.7/stream1", 4.0, "no frames"), ("lobby", None, None, "no frames")]
     assert listing["dynamic"] is False
-    CameraRegistry(redis_server.client()).put(CameraSettings(id="door", url="door.mp4"))
+    CameraRegistry(redis_server.client()).put(CameraSettings(id="door", url="rtsp://10.0.0.9/door"))
     assert [c["id"] for c in client.get("/api/cameras").json()["cameras"]] == ["door"]
 
 

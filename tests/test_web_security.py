@@ -240,3 +240,88 @@ def chromium(extra: list[str]) -> Any:
                 *extra):
         opts.add_argument(arg)
     return webdriver.Chrome(service=DriverService(driver), options=opts)
+
+
+# ----------------------------------------------------------------------------- camera source policy
+
+
+def test_security_local_sources_refused_by_the_web_admin_unless_allowed_under_media_root(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    registry = CameraRegistry(redis_server.client())
+    registry.beat("ingest-test", 600.0)
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "clip.mp4").write_bytes(b"not decoded here")
+    (media / "escape.mp4").symlink_to("/etc/passwd")
+    strict = start_web(tmp_path, redis_server.url, {})
+    try:
+        for url in ("/etc/passwd", "file:///etc/passwd", str(media / "clip.mp4"), "0"):
+            status, _, body = strict.request("POST", "/api/cameras", body={"id": "x", "url": url})
+            assert status == 422 and "ingest.allow_local_sources" in body, (url, status, body)
+        assert strict.request("POST", "/api/cameras", body={"id": "x", "url": "rtsp://10.0.0.7/s"})[0] == 201
+    finally:
+        strict.svc.stop()
+    policy = {"allow_local_sources": True, "media_root": str(media), "allowed_source_hosts": ["cam.example"]}
+    allowing = start_web(tmp_path, redis_server.url, {}, ingest=policy)
+    try:
+        refused = {"/etc/passwd": "not under ingest.media_root", str(media / "escape.mp4"): "not under",
+                   f"{media}/../config.yaml": "not under", "clip.mp4": "absolute path",
+                   "rtsp://10.0.0.7/s": "not in ingest.allowed_source_hosts"}
+        for url, rule in refused.items():
+            status, _, body = allowing.request("POST", "/api/cameras", body={"id": "y", "url": url})
+            assert status == 422 and rule in body, (url, status, body)
+        for cid, url in (("y", str(media / "clip.mp4")), ("z", "rtsp://cam.example/s"), ("usb", "0")):
+            status, _, body = allowing.request("POST", "/api/cameras", body={"id": cid, "url": url})
+            assert status == 201, (url, body)
+    finally:
+        allowing.svc.stop()
+    assert sorted(registry.cameras()[0]) == ["usb", "x", "y", "z"]
+
+
+def test_security_local_sources_refused_by_the_cameras_command_unless_allowed(tmp_path: Path,
+                                                                              redis_server: RedisServer) -> None:
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"x")
+
+    def cameras(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "shared.cli", "cameras", "--redis-url", redis_server.url, *args],
+                              cwd=REPO, env={**service_env(redis_server.url), **env}, capture_output=True, text=True,
+                              timeout=60)
+
+    refused = cameras("add", "door", str(clip))
+    assert refused.returncode == 2 and "ingest.allow_local_sources" in refused.stderr, refused
+    assert cameras("add", "door", "rtsp://u:pw-77@10.0.0.7/s?token=tk-77").returncode == 0
+    moved = cameras("update", "door", "/etc/passwd")
+    assert moved.returncode == 2 and "refused" in moved.stderr
+    allow = {"ES_INGEST__ALLOW_LOCAL_SOURCES": "true", "ES_INGEST__MEDIA_ROOT": str(tmp_path)}
+    assert "not under ingest.media_root" in cameras("add", "etc", "/etc/passwd", **allow).stderr
+    assert cameras("add", "clip", str(clip), **allow).returncode == 0
+    listed = cameras("list").stdout
+    assert "rtsp://u:***@10.0.0.7/s?token=***" in listed and "pw-77" not in listed and "tk-77" not in listed
+    # the masked URL sent back with a new query keeps the stored secrets
+    assert cameras("update", "door", "rtsp://u:***@10.0.0.7/s?token=***&channel=2").returncode == 0
+    stored = CameraRegistry(redis_server.client()).cameras()[0]
+    assert stored["door"].url == "rtsp://u:pw-77@10.0.0.7/s?token=tk-77&channel=2"
+    assert set(stored) == {"door", "clip"}
+
+
+def test_security_dynamic_ingest_refuses_a_local_camera_written_to_redis_directly(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """Whoever can write the registry in Redis, bypassing the admin, still cannot make ingest open a file."""
+    from shared.sample import render_frames, write_video
+
+    video = write_video(tmp_path / "own.mp4", render_frames(10), fps=10)
+    planted = CameraSettings(id="planted", url=str(video), fps=5, loop=True)
+    r = redis_server.client()
+    config = tmp_path / "ingest.yaml"
+    config.write_text(yaml.safe_dump({"cameras": [{"id": "own", "url": str(video), "fps": 5, "loop": True}],
+                                      "ingest": {"dynamic": True, "lease_s": 2.0, "refresh_s": 0.5},
+                                      "metrics": {"enabled": False}}))
+    r.hset("es:camera-config", "planted", planted.model_dump_json())
+    ingest = Service("ingest", config, service_env(redis_server.url, ES_CONSUMER="ingest-a"), tmp_path)
+    try:
+        wait_for(lambda: r.xlen("es:frames:{own}") >= 5, 60, what="the settings file's own camera read")
+        wait_for(lambda: "camera planted: local files are refused" in ingest.log(), 30, what="planted camera refused")
+        assert not r.exists("es:frames:{planted}") and not r.exists("es:lease:{planted}")
+    finally:
+        ingest.stop()

@@ -301,7 +301,7 @@ class IngestWorker:
         self.keys = Keys(settings.redis.prefix)
         self.heartbeat = Heartbeat(metrics.heartbeat)
         self.replica = settings.consumer or default_consumer_name()
-        self.registry = CameraRegistry(r, settings.redis.prefix)
+        self.registry = CameraRegistry(r, settings.redis.prefix, settings.ingest.policy())
         self.ownership = CameraOwnership(self.registry, self.replica, settings.cameras, self.opts.lease_s)
         self.readers: dict[str, CameraReader] = {}
         self._leaving: list[CameraReader] = []

@@ -45,7 +45,8 @@ def run(settings: WebSettings) -> int:
     state = LiveState(opts.window_s)
     heartbeat = Heartbeat(metrics.heartbeat)
     tail = Tail(r, keys, state, heartbeat, metrics.redis_errors.inc)
-    ctx = WebContext(r=r, keys=keys, opts=opts, state=state, registry=CameraRegistry(r, settings.redis.prefix),
+    cameras = CameraRegistry(r, settings.redis.prefix, settings.ingest.policy())
+    ctx = WebContext(r=r, keys=keys, opts=opts, state=state, registry=cameras,
                      metrics=metrics, static_cameras=list(settings.cameras))
     health = None
     if settings.metrics.enabled:

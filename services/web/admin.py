@@ -16,6 +16,7 @@ from services.web.views import dynamic_ingest_alive
 from shared.cameras import CameraSettings
 from shared.masking import restore_secrets
 from shared.settings import format_errors, mask_url
+from shared.sources import SourceRefusedError
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ def _put(ctx: WebContext, cam: CameraSettings, must_exist: bool) -> None:
     except KeyError as exc:
         ctx.metrics.camera_changes.labels(action="update" if must_exist else "add", result="refused").inc()
         raise RequestError(409, [str(exc.args[0])]) from None
+    except SourceRefusedError as exc:
+        ctx.metrics.camera_changes.labels(action="update" if must_exist else "add", result="refused").inc()
+        raise RequestError(422, [f"url = {mask_url(cam.url)!r}: {exc}"]) from None
     ctx.metrics.camera_changes.labels(action="update" if must_exist else "add", result="ok").inc()
     log.info("camera %s %s from the web view (%s)", cam.id, "updated" if must_exist else "added", mask_url(cam.url))
 

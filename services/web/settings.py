@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from shared.cameras import CameraSettings
+from shared.cameras import CameraSettings, SourcePolicyView
 from shared.settings import Section, ServiceSettings
 
 # Names a browser on the same machine uses for a loopback-bound page; always allowed by default.
@@ -111,6 +111,8 @@ class WebSettings(ServiceSettings):
     web: WebOptions = WebOptions()
     cameras: list[CameraSettings] = Field(default_factory=list, description="the pipeline's cameras (ingest's "
                                           "section), shown with masked URLs while ingest is not dynamic")
+    ingest: SourcePolicyView = Field(SourcePolicyView(), description="the camera source policy (ingest's keys "
+                                     "allow_local_sources, media_root, allowed_source_hosts) the admin applies")
 
     @model_validator(mode="after")
     def _no_public_page_without_auth(self) -> WebSettings:
