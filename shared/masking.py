@@ -123,8 +123,9 @@ class MaskingFilter(logging.Filter):
         masked = mask_text(message)
         if masked != message:
             record.msg, record.args = masked, None
-        if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
-            record.exc_text = mask_text(logging.Formatter().formatException(record.exc_info))
+        if record.exc_info and record.exc_info[1] is not None:
+            # another handler may have formatted the traceback already: mask that text too
+            record.exc_text = mask_text(record.exc_text or logging.Formatter().formatException(record.exc_info))
         return True
 
 
