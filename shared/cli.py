@@ -218,6 +218,7 @@ commands:
   up        run the whole pipeline (embedded Redis unless REDIS_URL is set) and print events
   events    print emotion events (or, with --tracks, track events) from a running pipeline
   cameras   list / add / update / remove cameras and show their status (ingest.dynamic)
+  redis-acl write the Redis ACL file (a user per service) and each service's credentials
   keda      write the KEDA ScaledObjects (a detect trigger per camera) from a settings file
   ingest    run the ingest service     (same as python -m services.ingest)
   detect    run the detect service     (same as python -m services.detect)
@@ -242,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         return events_main(rest)
     if command == "cameras":
         return cameras_main(rest)
+    if command == "redis-acl":
+        from shared.redis_acl import main as redis_acl_main
+
+        return redis_acl_main(rest)
     if command == "keda":
         from shared.keda import keda_main
 
