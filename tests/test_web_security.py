@@ -164,6 +164,11 @@ def test_security_token_redirect_stays_on_site_and_cookie_is_secure_under_tls(tm
         assert status == 303 and "Secure" not in headers["set-cookie"]  # a Secure cookie would never come back
     finally:
         plain.svc.stop()
+    proxied = start_web(tmp_path, redis_server.url, {"token": "tok-12345678", "secure_cookie": True})
+    try:  # behind a proxy that terminates HTTPS
+        assert "; Secure" in proxied.request("GET", "/?token=tok-12345678")[1]["set-cookie"]
+    finally:
+        proxied.svc.stop()
 
 
 def test_security_api_and_log_never_show_camera_secrets(web: Web, redis_server: RedisServer) -> None:

@@ -36,7 +36,7 @@ class AuthMiddleware:
         query_token = parse_qs(scope.get("query_string", b"").decode()).get("token", [""])[0]
         if self.opts.token is not None and query_token and _same(query_token, self.opts.token):
             await _set_cookie_and_redirect(local_path(scope["path"]), self.opts.token, send,
-                                           secure=scope.get("scheme") == "https")
+                                           secure=self.opts.secure_cookie or scope.get("scheme") == "https")
             return
         if self._allowed(headers):
             await self.app(scope, receive, send)

@@ -61,6 +61,8 @@ class WebOptions(Section):
     tls_certfile: Path | None = Field(None, description="serve the page over HTTPS with this certificate (PEM); the "
                                       "session cookie is then Secure")
     tls_keyfile: Path | None = Field(None, description="the certificate's private key (PEM)")
+    secure_cookie: bool = Field(False, description="mark the session cookie Secure even over plain HTTP: behind a "
+                                "proxy that terminates HTTPS (an Ingress); with web.tls_* it always is")
     detect_group: str = Field("detect", min_length=1, description="the detect consumer group (for lag)")
     classify_group: str = Field("classify", min_length=1, description="the classify consumer group (for lag)")
 
