@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from shared.classifier import DEFAULT_FLIP_TTA, DEFAULT_ZOOM_TTA, Classifier, Runtime, load_classifier
 from shared.detection import CameraDetector, DetectorSettings, crop_faces, make_camera_detector
 from shared.imaging import UInt8Array, to_gray
+from shared.masking import mask_text
 from shared.model_bundle import DEFAULT_BUNDLE, BundleError
 from shared.motion import MotionSettings
 from shared.schema import Box
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args, settings)
     except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {mask_text(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -14,11 +14,13 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from shared.cameras import CameraRegistry, CameraSettings
+from shared.cameras import CameraRegistry, CameraSettings, SourcePolicyView
 from shared.console import add_filter_args, make_filter, print_event
 from shared.events import EventReader, TrackReader
+from shared.masking import mask_text, restore_secrets
 from shared.schema import EventMsg, TrackEventMsg
 from shared.settings import ConfigError, RedisSettings, ServiceSettings, format_errors, load, mask_url
+from shared.sources import SourceRefusedError
 from shared.streams import TRANSIENT_ERRORS, Keys, connect
 from shared.zones import geometry_errors, parse_points, parse_zone
 
@@ -75,7 +77,7 @@ def events_main(argv: list[str]) -> int:
         r = connect(cfg)
         reader: EventReader | TrackReader = TrackReader(r, **options) if args.tracks else EventReader(r, **options)
     except (ValueError, redis.RedisError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {mask_text(str(exc))}", file=sys.stderr)
         return 2
     return _print_loop(reader, args.json, args.count)
 
@@ -113,6 +115,12 @@ def _wanted(reader: EventReader | TrackReader, msg: EventMsg | TrackEventMsg) ->
     return reader.filt.matches_track(msg)
 
 
+class CamerasCommandSettings(ServiceSettings):
+    """What ``emotion-stream cameras`` reads besides Redis: the source policy, from the ingest section."""
+
+    ingest: SourcePolicyView = SourcePolicyView()
+
+
 def cameras_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="emotion-stream cameras",
                                 description="Manage the cameras of ingest replicas running with ingest.dynamic: true.")
@@ -139,13 +147,14 @@ def cameras_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         cfg = redis_settings(args)
-        registry = CameraRegistry(connect(cfg), cfg.prefix)
+        policy = load(CamerasCommandSettings, args.config).ingest.policy()
+        registry = CameraRegistry(connect(cfg), cfg.prefix, policy)
         return _camera_action(registry, args)
     except ConfigError as exc:
         print("\n".join(exc.lines), file=sys.stderr)
         return 2
     except (ValueError, KeyError, redis.RedisError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {mask_text(str(exc))}", file=sys.stderr)
         return 2
 
 
@@ -155,14 +164,19 @@ def _camera_action(registry: CameraRegistry, args: argparse.Namespace) -> int:
         if args.action == "update" and current is None:
             print(f"error: camera {args.id!r} does not exist", file=sys.stderr)
             return 2
-        given = {k: v for k, v in {"url": args.url, "fps": args.fps, "loop": args.loop}.items() if v is not None}
+        url = restore_secrets(args.url, current.url) if args.url and current else args.url
+        given = {k: v for k, v in {"url": url, "fps": args.fps, "loop": args.loop}.items() if v is not None}
         try:
             given.update(geometry_given(args))
             cam = CameraSettings.model_validate({**(current.model_dump() if current else {}), "id": args.id, **given})
         except ValidationError as exc:
             print("\n".join(f"error: {line}" for line in geometry_errors(exc)), file=sys.stderr)
             return 2
-        registry.put(cam, must_exist=args.action == "update")
+        try:
+            registry.put(cam, must_exist=args.action == "update")
+        except SourceRefusedError as exc:
+            print(f"error: url = {mask_url(cam.url)!r}: {exc}", file=sys.stderr)
+            return 2
         print(f"camera {cam.id} {'added' if args.action == 'add' else 'updated'}")
         _warn_without_dynamic_ingest(registry)
     elif args.action == "remove":
@@ -245,6 +259,7 @@ commands:
   up        run the whole pipeline (embedded Redis unless REDIS_URL is set) and print events
   events    print emotion events (or, with --tracks, track events) from a running pipeline
   cameras   list / add / update / remove cameras and show their status (ingest.dynamic)
+  redis-acl write the Redis ACL file (a user per service) and each service's credentials
   keda      write the KEDA ScaledObjects (a detect trigger per camera) from a settings file
   ingest    run the ingest service     (same as python -m services.ingest)
   detect    run the detect service     (same as python -m services.detect)
@@ -269,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         return events_main(rest)
     if command == "cameras":
         return cameras_main(rest)
+    if command == "redis-acl":
+        from shared.redis_acl import main as redis_acl_main
+
+        return redis_acl_main(rest)
     if command == "keda":
         from shared.keda import keda_main
 

@@ -36,6 +36,9 @@ HEADER = """\
 # (leases, in capture order), so maxReplicaCount is the camera count.
 # classify: every face goes through the one stream <prefix>:{faces}; one replica is expected
 # to keep up while fewer than a batch (classify.max_batch) wait.
+# Each trigger logs in to Redis as the Deployment it scales (ES_REDIS__USERNAME / ES_REDIS__PASSWORD
+# of its container, from Secret es-redis-detect or es-redis-classify): those users may read
+# their streams' consumer groups (deploy/redis/users.acl).
 """
 
 ADDRESS_ENV = "KEDA_REDIS_ADDRESS"
@@ -64,7 +67,8 @@ def _camera_id(index: int, camera: Any) -> str:
 
 def _trigger(stream: str, group: str, lag: int) -> dict[str, Any]:
     return {"type": "redis-streams",
-            "metadata": {"addressFromEnv": ADDRESS_ENV, "stream": stream, "consumerGroup": group,
+            "metadata": {"addressFromEnv": ADDRESS_ENV, "usernameFromEnv": "ES_REDIS__USERNAME",
+                         "passwordFromEnv": "ES_REDIS__PASSWORD", "stream": stream, "consumerGroup": group,
                          "lagCount": str(lag), "activationLagCount": "5"}}
 
 

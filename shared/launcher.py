@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from shared.console import add_filter_args, make_filter, print_event, redis_url_from_env
 from shared.embedded_redis import EmbeddedRedis, free_port
 from shared.events import EventReader
+from shared.masking import install_log_masking, mask_text
 from shared.settings import ConfigError, RedisSettings, ServiceSettings, format_errors, load, mask_url, read_yaml
 from shared.sources import file_path, source_kind
 from shared.streams import TRANSIENT_ERRORS, Keys, connect, group_stats
@@ -180,9 +181,9 @@ def check_inputs(inputs: list[str]) -> str | None:
         try:
             kind = source_kind(url)
         except ValueError as exc:
-            return f"--input {url}: {exc}"
+            return f"--input {mask_url(url)}: {exc}"
         if kind == "file" and not Path(file_path(url)).is_file():
-            return f"--input {url}: no such file"
+            return f"--input {mask_url(url)}: no such file"
     return None
 
 
@@ -219,6 +220,7 @@ class _Interrupt:
 
 def up_main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_masking()
     args = parse_args(argv)
     try:
         args.file_config = read_yaml(args.config)
@@ -303,7 +305,7 @@ def _event_loop(args: argparse.Namespace, pipeline: Pipeline, reader: EventReade
             progress.moved()
         failure = pipeline.failed()
         if failure:
-            print(f"error: {failure}", file=sys.stderr)
+            print(f"error: {mask_text(failure)}", file=sys.stderr)
             return 1
         if not pipeline.ingest_done():
             continue

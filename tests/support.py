@@ -161,6 +161,25 @@ def pipeline(tmp: Path, redis_url: str, config: dict[str, Any], services: tuple[
             svc.stop()
 
 
+def make_certs(tmp: Path) -> dict[str, Path]:
+    """A test CA and a server certificate for 127.0.0.1 and localhost (openssl), as PEM files."""
+    import pytest
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    ca_key, ca, key, csr, cert = (tmp / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt"))
+    run = [["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2",
+            "-subj", "/CN=test-ca"],
+           ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+           ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+            "-days", "2", "-extfile", "/dev/stdin"]]
+    for cmd in run[:2]:
+        subprocess.run([str(c) for c in cmd], check=True, capture_output=True, timeout=60)
+    subprocess.run([str(c) for c in run[2]], input=b"subjectAltName=IP:127.0.0.1,DNS:localhost\n", check=True,
+                   capture_output=True, timeout=60)
+    return {"ca": ca, "key": key, "cert": cert}
+
+
 def fer_face(label: int, index: int = 0) -> np.ndarray:
     """A 48x48 FER2013 PublicTest face of the given class."""
     with np.load(FER_DIR / "publictest.npz") as data:

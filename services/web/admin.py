@@ -14,7 +14,9 @@ from starlette.responses import JSONResponse, Response
 from services.web.context import RequestError, WebContext, camera_id, context_of
 from services.web.views import dynamic_ingest_alive
 from shared.cameras import CameraSettings
+from shared.masking import restore_secrets
 from shared.settings import format_errors, mask_url
+from shared.sources import SourceRefusedError
 from shared.zones import geometry_errors
 
 GEOMETRY = ("mask", "zones")
@@ -46,8 +48,9 @@ def _require_dynamic(ctx: WebContext) -> None:
 
 def _camera_from(body: dict[str, Any], cid: str, current: CameraSettings | None) -> CameraSettings:
     url = str(body.get("url") or "")
-    if current is not None and (not url or url == mask_url(current.url)):
-        url = current.url  # the page only ever saw the masked URL: keep the stored credentials
+    if current is not None:
+        # the page only ever saw the masked URL: keep the stored credentials
+        url = restore_secrets(url, current.url) if url else current.url
     fields = {"id": cid, "url": url, "fps": body.get("fps", current.fps if current else 10.0),
               "loop": bool(body.get("loop", current.loop if current else False))}
     # Fields the body leaves out keep their values: the camera form does not send the mask and
@@ -94,6 +97,9 @@ def _put(ctx: WebContext, cam: CameraSettings, must_exist: bool) -> None:
     except KeyError as exc:
         ctx.metrics.camera_changes.labels(action="update" if must_exist else "add", result="refused").inc()
         raise RequestError(409, [str(exc.args[0])]) from None
+    except SourceRefusedError as exc:
+        ctx.metrics.camera_changes.labels(action="update" if must_exist else "add", result="refused").inc()
+        raise RequestError(422, [f"url = {mask_url(cam.url)!r}: {exc}"]) from None
     ctx.metrics.camera_changes.labels(action="update" if must_exist else "add", result="ok").inc()
     log.info("camera %s %s from the web view (%s)", cam.id, "updated" if must_exist else "added", mask_url(cam.url))
 
