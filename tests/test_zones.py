@@ -198,7 +198,7 @@ def cameras_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.integration
 def test_cameras_cli_sets_mask_and_zones_and_names_bad_fields(redis_server: RedisServer) -> None:
     registry = CameraRegistry(redis_server.client())
-    added = cameras_cli(redis_server.url, "add", "hall", "hall.mp4", "--mask", "0,0 0.3,0 0.3,0.3",
+    added = cameras_cli(redis_server.url, "add", "hall", "rtsp://cam.example/hall", "--mask", "0,0 0.3,0 0.3,0.3",
                         "--zone", "door=0.5,0 1,0 1,1 0.5,1", "--zone", "desk=10,300 200,300 200,470")
     assert added.returncode == 0, added.stderr
     cam = registry.cameras()[0]["hall"]

@@ -32,7 +32,7 @@ def dynamic_registry(redis_server: RedisServer) -> CameraRegistry:
 def test_zone_and_mask_edits_are_validated_by_field_and_kept_by_the_camera_form(
         redis_server: RedisServer, dynamic_registry: CameraRegistry) -> None:
     client = make_client(redis_server)
-    assert client.post("/api/cameras", json={"id": "hall", "url": "hall.mp4", "fps": 5}).status_code == 201
+    assert client.post("/api/cameras", json={"id": "hall", "url": "rtsp://cam.example/hall", "fps": 5}).status_code == 201
     bad = client.put("/api/cameras/hall", json={
         "mask": [[[0, 0], [0.2, 0], [0.2, 0.3]]],
         "zones": [{"name": "desk", "points": [[0, 0], [1, 0], [1, 1]]}, {"name": "door", "points": [[0, 0], [1, 1]]}]})
@@ -45,7 +45,7 @@ def test_zone_and_mask_edits_are_validated_by_field_and_kept_by_the_camera_form(
     saved = client.put("/api/cameras/hall", json={"mask": [[[0, 0], [0.2, 0], [0.2, 0.3]]], "zones": zones})
     assert saved.status_code == 200, saved.json()
     # the camera form sends url, fps and loop only: the mask and zones stay
-    assert client.put("/api/cameras/hall", json={"url": "hall.mp4", "fps": 8}).status_code == 200
+    assert client.put("/api/cameras/hall", json={"url": "rtsp://cam.example/hall", "fps": 8}).status_code == 200
     stored = dynamic_registry.cameras()[0]["hall"]
     assert stored.fps == 8.0 and [z.name for z in stored.zones] == ["desk"] and len(stored.mask) == 1
     (listed,) = client.get("/api/cameras").json()["cameras"]
@@ -77,7 +77,8 @@ def ingest_and_web(tmp_path: Path, redis_server: RedisServer) -> Iterator[tuple[
     web_port = free_port()
     config = {"cameras": [{"id": "cam0", "url": str(video), "fps": 4, "loop": True,
                            "mask": [[[0, 0], [0.25, 0], [0.25, 0.25], [0, 0.25]]]}],
-              "ingest": {"dynamic": True}, "streams": {"block_ms": 200},
+              "ingest": {"dynamic": True, "allow_local_sources": True, "media_root": str(tmp_path)},
+              "streams": {"block_ms": 200},
               "web": {"port": web_port, "frame_fps": 2, "feed_backfill": 0}}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -166,7 +167,7 @@ def test_web_admin_draws_and_saves_a_zone_in_the_browser(ingest_and_web: tuple[i
 
 def test_zone_names_of_saved_cameras_round_trip_through_the_registry(redis_server: RedisServer) -> None:
     registry = CameraRegistry(redis_server.client())
-    cam = CameraSettings.model_validate({"id": "a", "url": "a.mp4", "zones": [
+    cam = CameraSettings.model_validate({"id": "a", "url": "rtsp://cam.example/a", "zones": [
         {"name": "z1", "points": [[0, 0], [1, 0], [1, 1]]}], "mask": [[[10, 10], [50, 10], [50, 50]]]})
     registry.put(cam)
     assert registry.cameras()[0]["a"] == cam
