@@ -19,7 +19,7 @@ from shared.schema import EventMsg, TrackEventMsg
 from shared.settings import ConfigError, RedisSettings, ServiceSettings, format_errors, load, mask_url
 from shared.streams import TRANSIENT_ERRORS, Keys, connect
 
-SERVICES = ("ingest", "detect", "classify", "web")
+SERVICES = ("ingest", "detect", "classify", "web", "mqtt")
 
 
 def add_redis_args(p: argparse.ArgumentParser) -> None:
@@ -209,6 +209,7 @@ commands:
   detect    run the detect service     (same as python -m services.detect)
   classify  run the classify service   (same as python -m services.classify)
   web       run the web view           (same as python -m services.web)
+  mqtt      publish events to MQTT     (same as python -m services.mqtt)
 
 Run 'emotion-stream COMMAND --help' for a command's options.
 """
