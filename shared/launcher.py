@@ -55,6 +55,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--web-port", type=int, default=8080,
                    help="port of the web view on 127.0.0.1 (a free one when taken; 0 = any free port)")
     p.add_argument("--no-web", action="store_true", help="do not start the web view")
+    p.add_argument("--mqtt-url", default=None,
+                   help="also publish events to this MQTT broker: mqtt://[user:password@]host:port (or mqtts://); "
+                        "the config's mqtt.url does the same")
     add_filter_args(p)
     return p.parse_args(argv)
 
@@ -87,13 +90,14 @@ class Pipeline:
         self.workdir = workdir
         self.config_path = workdir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
+        self.mqtt: dict[str, Any] = config.get("mqtt") or {}
         self.detect_workers = detect_workers
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.ports: dict[str, int] = {}
 
     def start(self, timeout: float = 120.0) -> None:
         """Workers first; ingest once they answer /readyz, so no frame ages while they load."""
-        workers = ["classify"] + [f"detect-{i}" for i in range(self.detect_workers)]
+        workers = ["classify"] + [f"detect-{i}" for i in range(self.detect_workers)] + self.outputs()
         for name in workers:
             self._spawn(name)
         deadline = time.monotonic() + timeout
@@ -102,6 +106,10 @@ class Pipeline:
                 break
             time.sleep(0.1)
         self._spawn("ingest")
+
+    def outputs(self) -> list[str]:
+        """Consumers of the events besides this command: the MQTT service when a broker is set."""
+        return ["mqtt"] if self.mqtt.get("url") else []
 
     def start_web(self, port: int) -> str:
         """The web view, shown the other services' metrics; returns its address."""
@@ -153,9 +161,10 @@ def _ready(port: int) -> bool:
         return False
 
 
-def drained(r: redis.Redis, keys: Keys, cameras: list[str]) -> bool:
-    """True when every frame and face entry has been delivered and acked."""
-    checks = [(keys.frames(c), "detect") for c in cameras] + [(keys.faces, "classify")]
+def drained(r: redis.Redis, keys: Keys, cameras: list[str], outputs: tuple[tuple[str, str], ...] = ()) -> bool:
+    """True when every frame and face entry (and of ``outputs``, (stream, group) pairs) has been
+    delivered and acked."""
+    checks = [(keys.frames(c), "detect") for c in cameras] + [(keys.faces, "classify"), *outputs]
     for stream, group in checks:
         if not r.exists(stream):
             continue
@@ -206,6 +215,8 @@ def build_config(args: argparse.Namespace, inputs: list[str], base: dict[str, An
         config["classify"]["runtime"] = args.runtime
     if args.model:
         config["classify"]["model"] = args.model
+    if getattr(args, "mqtt_url", None):
+        config["mqtt"] = {**(config.get("mqtt") or {}), "url": args.mqtt_url}
     return config
 
 
@@ -308,7 +319,7 @@ def _event_loop(args: argparse.Namespace, pipeline: Pipeline, reader: EventReade
         if not pipeline.ingest_done():
             continue
         try:
-            if drained(r, keys, cameras):
+            if drained(r, keys, cameras, output_groups(pipeline, keys)):
                 print("all inputs processed", file=sys.stderr)
                 return 0
             progress.observe(backlog(r, keys, cameras))
@@ -320,6 +331,15 @@ def _event_loop(args: argparse.Namespace, pipeline: Pipeline, reader: EventReade
                   "es_frames_dropped_total / es_stream_lost_total)", file=sys.stderr)
             return 1
     return 0
+
+
+def output_groups(pipeline: Pipeline, keys: Keys) -> tuple[tuple[str, str], ...]:
+    """The MQTT service's group on the events and tracks streams: stopping before it caught up
+    would leave the last events unpublished."""
+    if "mqtt" not in pipeline.outputs():
+        return ()
+    group = str(pipeline.mqtt.get("group", "mqtt"))
+    return ((keys.events, group), (keys.tracks, group))
 
 
 class Progress:
