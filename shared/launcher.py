@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -140,17 +141,40 @@ class Pipeline:
     def ingest_done(self) -> bool:
         return "ingest" in self.procs and self.procs["ingest"].poll() == 0
 
-    def stop(self, timeout: float = 15.0) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    def stop(self, timeout: float = 15.0, outputs_caught_up: Callable[[], bool] | None = None) -> None:
+        """The pipeline first, then the outputs (MQTT) once they published what it wrote last:
+        classify ends its open tracks on the way out, and those events should reach the broker."""
+        outputs = set(self.outputs())
+        _terminate([p for n, p in self.procs.items() if n not in outputs], timeout)
+        if outputs and outputs_caught_up is not None:
+            deadline = time.monotonic() + OUTPUT_CATCH_UP_S
+            while time.monotonic() < deadline and not _quietly(outputs_caught_up):
+                time.sleep(0.1)
+        _terminate([p for n, p in self.procs.items() if n in outputs], timeout)
+
+
+# How long ``up`` waits, at the end, for the MQTT service to publish the last events.
+OUTPUT_CATCH_UP_S = 10.0
+
+
+def _terminate(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _quietly(check: Callable[[], bool]) -> bool:
+    try:
+        return check()
+    except TRANSIENT_ERRORS:
+        return False
 
 
 def _ready(port: int) -> bool:
@@ -288,7 +312,7 @@ def _run(args: argparse.Namespace, url: str, workdir: Path, config: dict[str, An
     try:
         code = _event_loop(args, pipeline, reader, stats, interrupt, r, keys, [str(c["id"]) for c in config["cameras"]])
     finally:
-        pipeline.stop()
+        pipeline.stop(outputs_caught_up=lambda: drained(r, keys, [], output_groups(pipeline, keys)))
         reader.block_ms = 10
         while batch := reader.read():  # what arrived while the services stopped (a read holds 256 at most)
             for ev in (e for e in batch if reader.filt.matches(e)):
