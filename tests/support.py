@@ -212,7 +212,7 @@ class Mosquitto:
     """A mosquitto broker on a free loopback port (anonymous), restartable; persistence keeps
     retained messages and the sessions of subscribers with clean_session=False over a restart."""
 
-    def __init__(self) -> None:
+    def __init__(self, listener_conf: str = "allow_anonymous true\n") -> None:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(binary).exists():
             raise RuntimeError("mosquitto not installed (deploy/run.sh test installs it)")
@@ -220,7 +220,10 @@ class Mosquitto:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="es-test-mosquitto-"))
         self.conf = self.dir / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+        # Started as root, mosquitto would switch to its own user, which cannot read the test's
+        # private folders (certificates, passwords, persistence): it stays who started it.
+        stay = "user root\n" if os.geteuid() == 0 else ""
+        self.conf.write_text(f"{stay}listener {self.port} 127.0.0.1\n{listener_conf}persistence true\n"
                              f"persistence_location {self.dir}/\nlog_dest stderr\n")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -251,7 +254,8 @@ class Mosquitto:
 class MqttTap:
     """A subscriber that records every message (topic, payload, retained flag) it receives."""
 
-    def __init__(self, port: int, topics: list[str], client_id: str = "", persistent: bool = False) -> None:
+    def __init__(self, port: int, topics: list[str], client_id: str = "", persistent: bool = False,
+                 setup: Callable[[Any], None] | None = None) -> None:
         import threading
 
         import paho.mqtt.client as mqtt
@@ -263,6 +267,8 @@ class MqttTap:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"tap-{os.getpid()}-{id(self)}",
                                   clean_session=not persistent)
         self.client.reconnect_delay_set(0.1, 0.5)
+        if setup is not None:
+            setup(self.client)  # credentials, TLS
 
         def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
             for topic in topics:

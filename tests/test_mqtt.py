@@ -408,3 +408,59 @@ def _text(payload: bytes) -> str:
     from shared.schema import decode_event
 
     return decode_event(payload).event_id
+
+
+def tls_files(folder: Path) -> dict[str, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 (openssl)."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+    (folder / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=emotion-stream test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj",
+            "/CN=127.0.0.1")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+            "server.pem", "-days", "2", "-extfile", "san.cnf")
+    for name in ("ca.pem", "server.pem", "server.key"):
+        (folder / name).chmod(0o644)
+    return {name: folder / f"{name}.pem" if name != "key" else folder / "server.key"
+            for name in ("ca", "server", "key")}
+
+
+@integration
+def test_mqtt_over_tls_with_a_password_and_a_refused_password_counted(tmp_path: Path,
+                                                                       redis_server: RedisServer) -> None:
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    certs.chmod(0o755)
+    files = tls_files(certs)
+    passwords = certs / "passwords"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "pub", "s3cret pass"], check=True, timeout=30)
+    passwords.chmod(0o644)
+    broker = Mosquitto(f"cafile {files['ca']}\ncertfile {files['server']}\nkeyfile {files['key']}\n"
+                       f"allow_anonymous false\npassword_file {passwords}\n").start()
+
+    def secure(client: Any) -> None:
+        client.tls_set(ca_certs=str(files["ca"]))
+        client.username_pw_set("pub", "s3cret pass")
+
+    tap = MqttTap(broker.port, [f"{PREFIX}/events"], setup=secure)
+    url = f"mqtts://pub:s3cret%20pass@127.0.0.1:{broker.port}"
+    good = MqttService(tmp_path, redis_server.url, {"url": url, "tls_ca_certs": str(files["ca"])}).start()
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    bad = MqttService(bad_dir, redis_server.url, {"url": url.replace("s3cret", "wrong"), "group": "other",
+                                                  "tls_ca_certs": str(files["ca"]), "backoff_max_s": 0.5})
+    try:
+        ids = feed(redis_server.client(), range(10))
+        wait_for(lambda: set(event_ids(tap)) >= set(ids), 30, what="events over TLS with a password")
+        bad.start()
+        wait_for(lambda: metric_or(bad.port, "es_mqtt_reconnects_total", 0) >= 2, 30, what="refusals counted")
+        assert metric(bad.port, "es_mqtt_connected") == 0
+        assert "refused the connection" in bad.log() and "s3cret" not in bad.log() and "wrong" not in bad.log()
+    finally:
+        good.stop()
+        bad.stop()
+        tap.close()
+        broker.stop()
