@@ -361,6 +361,11 @@ def test_mqtt_discovery_configs_are_json_with_unique_ids_and_go_with_their_camer
             assert cfg["availability_topic"] == f"{PREFIX}/available"
             assert cfg["device"]["identifiers"] == [f"emotion-stream_{camera}"]
         assert tap.on(f"{PREFIX}/door/faces") == [b"0"]  # a known camera starts with no faces
+        # Home Assistant restarting announces itself: the configs come again
+        before = len(tap.on(config_topic.format("door", "faces")))
+        tap.client.publish("homeassistant/status", b"online", qos=1)
+        wait_for(lambda: len(tap.on(config_topic.format("door", "faces"))) > before, 10,
+                 what="configs sent again after homeassistant/status online")
         registry.remove("yard")
         gone = {config_topic.format("yard", s) for s in ("emotion", "faces")}
         wait_for(lambda: all(tap.on(t)[-1:] == [b""] for t in gone), 15, what="empty configs for the removed camera")
