@@ -81,6 +81,7 @@ class MqttWorker(StreamWorker):
         self._announced: set[str] = set()
         self._state_sent: dict[str, Summary] = {}
         self._cameras_at = 0.0
+        self._stop_seen: float | None = None
 
     # -- StreamWorker ---------------------------------------------------------
 
@@ -125,7 +126,7 @@ class MqttWorker(StreamWorker):
         sent = [s for s in (self._send(e) for e in entries) if s is not None]
         self._publish_state()
         results = self.link.wait_acked([m for s in sent for m in s.messages], self.opts.ack_timeout_s,
-                                       lambda: self.stopper.stopping, self.heartbeat.beat)
+                                       self._give_up_waiting, self.heartbeat.beat)
         done: list[Entry] = []
         at = 0
         for s in sent:
@@ -139,6 +140,16 @@ class MqttWorker(StreamWorker):
             log.warning("%d of %d entries not acknowledged by the broker; they stay pending and are published again",
                         len(sent) - len(done), len(sent))
         self._ack(done)
+
+    def _give_up_waiting(self) -> bool:
+        """On a stop, acks in flight get ``streams.drain_timeout_s`` (none while the broker is away);
+        what is still unacknowledged then stays pending for the next run."""
+        if not self.stopper.stopping:
+            return False
+        if self._stop_seen is None:
+            self._stop_seen = time.monotonic()
+        waited = time.monotonic() - self._stop_seen
+        return not self.link.connected.is_set() or waited > self.settings.streams.drain_timeout_s
 
     def ready(self) -> tuple[bool, str]:
         try:
