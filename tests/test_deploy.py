@@ -512,6 +512,8 @@ def test_compose_mqtt_profile_runs_the_service_against_its_mosquitto(monkeypatch
     assert (broker(settings.mqtt).host, broker(settings.mqtt).port) == ("mosquitto", 1883)
     assert settings.redis.url == "redis://redis:6379/0" and settings.metrics.port == METRICS_PORT
     assert settings.mqtt.discovery
+    scrape = {j["job_name"]: j for j in read_yaml(PROMETHEUS / "prometheus.yml")["scrape_configs"]}["mqtt"]
+    assert scrape["dns_sd_configs"][0]["names"] == ["mqtt"] and scrape["dns_sd_configs"][0]["port"] == METRICS_PORT
     # the other services accept the shared file with its mqtt section
     for cls in (IngestSettings, DetectSettings, ClassifySettings):
         load(cls, ROOT / mqtt["volumes"][0].split(":")[0])
