@@ -379,6 +379,9 @@ def test_mqtt_discovery_configs_are_json_with_unique_ids_and_go_with_their_camer
             assert not late.topics() & gone
         finally:
             late.close()
+        registry.remove("door")  # the last camera goes too
+        wait_for(lambda: tap.on(config_topic.format("door", "faces"))[-1:] == [b""], 15,
+                 what="empty configs for the last camera")
     finally:
         service.stop()
         tap.close()

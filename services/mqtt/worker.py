@@ -236,9 +236,9 @@ class MqttWorker(StreamWorker):
         known = {c for c in self._known_cameras() if usable_camera(c)}
         for camera in sorted(known - self._announced):
             self._announce(camera)
-        if not known:
-            return  # no camera announced (yet): nothing says the earlier ones are gone
-        earlier = {_text(c) for c in self.r.smembers(self.announced_key)}
+        # Cameras of earlier runs count as removed only once some camera is known: a pipeline
+        # starting up has announced none yet. Those this run announced go when they go.
+        earlier = {_text(c) for c in self.r.smembers(self.announced_key)} if known else set()
         for camera in sorted((earlier | self._announced) - known):
             self._withdraw(camera)
 
