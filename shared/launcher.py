@@ -96,13 +96,19 @@ class Pipeline:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.ports: dict[str, int] = {}
 
-    def start(self, timeout: float = 120.0) -> None:
-        """Workers first; ingest once they answer /readyz, so no frame ages while they load."""
-        workers = ["classify"] + [f"detect-{i}" for i in range(self.detect_workers)] + self.outputs()
-        for name in workers:
+    def start(self, timeout: float = 120.0, outputs_started: Callable[[], bool] | None = None) -> None:
+        """Workers first; ingest once they answer /readyz, so no frame ages while they load.
+
+        The outputs (MQTT) need only have created their consumer groups (``outputs_started``),
+        so that they miss no event: a broker that does not answer yet holds up nothing, the
+        events wait in Redis for it.
+        """
+        workers = ["classify"] + [f"detect-{i}" for i in range(self.detect_workers)]
+        for name in workers + self.outputs():
             self._spawn(name)
         deadline = time.monotonic() + timeout
-        while not all(_ready(self.ports[n]) for n in workers):
+        while not all(_ready(self.ports[n]) for n in workers) or (
+                self.outputs() and outputs_started is not None and not _quietly(outputs_started)):
             if self.failed() or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
@@ -304,7 +310,8 @@ def _run(args: argparse.Namespace, url: str, workdir: Path, config: dict[str, An
     signal.signal(signal.SIGTERM, interrupt)
     reader = EventReader(r, keys=keys, start=start_id, filt=make_filter(args), block_ms=200)
     stats = Stats()
-    pipeline.start()
+    pipeline.start(outputs_started=lambda: all(has_group(r, stream, group)
+                                               for stream, group in output_groups(pipeline, keys)))
     print(f"services started (logs in {workdir}); Ctrl-C stops", file=sys.stderr)
     if not args.no_web:
         print(f"web view: {pipeline.start_web(web_port(args.web_port))}", file=sys.stderr)
@@ -346,13 +353,13 @@ def _event_loop(args: argparse.Namespace, pipeline: Pipeline, reader: EventReade
             if drained(r, keys, cameras, output_groups(pipeline, keys)):
                 print("all inputs processed", file=sys.stderr)
                 return 0
-            progress.observe(backlog(r, keys, cameras))
+            progress.observe(backlog(r, keys, cameras, output_groups(pipeline, keys)))
         except TRANSIENT_ERRORS:
             continue  # Redis is restarting: the services retry, so does this loop
         if progress.stalled(STALL_S):
             print(f"error: inputs ended, but the pipeline made no progress for {STALL_S:.0f}s with "
-                  f"{progress.last} entries unprocessed (Redis refusing writes? see the services' logs and "
-                  "es_frames_dropped_total / es_stream_lost_total)", file=sys.stderr)
+                  f"{progress.last} entries unprocessed (Redis refusing writes{mqtt_hint(pipeline)}? see the "
+                  "services' logs and es_frames_dropped_total / es_stream_lost_total)", file=sys.stderr)
             return 1
     return 0
 
@@ -364,6 +371,19 @@ def output_groups(pipeline: Pipeline, keys: Keys) -> tuple[tuple[str, str], ...]
         return ()
     group = str(pipeline.mqtt.get("group", "mqtt"))
     return ((keys.events, group), (keys.tracks, group))
+
+
+def has_group(r: redis.Redis, stream: str, group: str) -> bool:
+    try:
+        return any(_as_str(g["name"]) == group for g in r.xinfo_groups(stream))
+    except redis.ResponseError:
+        return False  # no such stream yet
+
+
+def mqtt_hint(pipeline: Pipeline) -> str:
+    if not pipeline.outputs():
+        return ""
+    return f", or the MQTT broker {mask_url(str(pipeline.mqtt.get('url')))} not answering (mqtt.log)"
 
 
 class Progress:
@@ -385,10 +405,10 @@ class Progress:
         return time.monotonic() - self.since > seconds
 
 
-def backlog(r: redis.Redis, keys: Keys, cameras: list[str]) -> int:
-    """Entries pending or not yet delivered in the frame and face streams."""
+def backlog(r: redis.Redis, keys: Keys, cameras: list[str], outputs: tuple[tuple[str, str], ...] = ()) -> int:
+    """Entries pending or not yet delivered in the frame and face streams (and ``outputs``'s)."""
     total = 0
-    for stream, group in [(keys.frames(c), "detect") for c in cameras] + [(keys.faces, "classify")]:
+    for stream, group in [(keys.frames(c), "detect") for c in cameras] + [(keys.faces, "classify"), *outputs]:
         stats = group_stats(r, stream, group)
         if stats is not None:
             total += stats.pending + stats.lag
