@@ -24,7 +24,7 @@ from shared.sources import SourceRefusedError
 from shared.streams import TRANSIENT_ERRORS, Keys, connect
 from shared.zones import geometry_errors, parse_points, parse_zone
 
-SERVICES = ("ingest", "detect", "classify", "web")
+SERVICES = ("ingest", "detect", "classify", "web", "mqtt")
 
 
 def add_redis_args(p: argparse.ArgumentParser) -> None:
@@ -265,6 +265,7 @@ commands:
   detect    run the detect service     (same as python -m services.detect)
   classify  run the classify service   (same as python -m services.classify)
   web       run the web view           (same as python -m services.web)
+  mqtt      publish events to MQTT     (same as python -m services.mqtt)
 
 Run 'emotion-stream COMMAND --help' for a command's options.
 """

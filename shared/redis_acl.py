@@ -18,7 +18,7 @@ from string import Template
 
 # The template sits in the source tree beside the compose and Kubernetes files that use it.
 REPO_TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "redis" / "users.acl"
-USERS = ("admin", "ingest", "detect", "classify", "web", "events", "keda")
+USERS = ("admin", "ingest", "detect", "classify", "web", "events", "mqtt", "keda")
 PREFIX = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 

@@ -24,7 +24,7 @@ from shared.masking import mask_url as mask_url  # the one masking function, sti
 ENV_PREFIX = "ES_"
 # One YAML file may configure the whole pipeline: each service validates its own sections and
 # leaves these, owned by the other services, to them. Any other unknown key is an error.
-PIPELINE_SECTIONS = frozenset({"cameras", "ingest", "detect", "detector", "classify", "tracking", "web"})
+PIPELINE_SECTIONS = frozenset({"cameras", "ingest", "detect", "detector", "classify", "tracking", "web", "mqtt"})
 # Keys one service needs from another service's section (which it otherwise drops): the copy
 # defaults to the owner's value, and a file setting both to different values is an error.
 MIRRORED_KEYS: dict[tuple[str, str], tuple[str, str]] = {("ingest", "detect_group"): ("detect", "group")}

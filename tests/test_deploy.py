@@ -571,3 +571,85 @@ def test_security_network_policy_only_the_operator_namespace_reaches_the_web_and
                     for p in rule["ports"]}
     assert egress_ports == {6379, 53}
     assert policies["redis-egress"]["egress"] == []
+# ----------------------------------------------------------------------------- MQTT output (opt-in)
+
+K8S_MQTT = DEPLOY / "k8s" / "overlays" / "mqtt"
+
+
+def mqtt_overlay_docs() -> list[dict[str, Any]]:
+    return yaml_docs((K8S_MQTT / "mqtt.yaml").read_text())
+
+
+def test_compose_mqtt_profile_runs_the_service_against_its_mosquitto(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.mqtt.settings import MqttSettings, broker
+
+    services = compose()["services"]
+    mqtt, mosquitto = services["mqtt"], services["mosquitto"]
+    assert mqtt["profiles"] == ["mqtt"] and mosquitto["profiles"] == ["mqtt"]  # opt-in
+    assert mosquitto["image"].startswith("eclipse-mosquitto:")
+    assert mqtt["depends_on"]["mosquitto"]["condition"] == "service_healthy"
+    assert mqtt["depends_on"]["redis"]["condition"] == "service_healthy"
+    conf_source, conf_target = mosquitto["volumes"][0].split(":")[:2]
+    assert (ROOT / conf_source).is_file() and conf_target == "/mosquitto/config/mosquitto.conf"
+    assert "listener 1883" in (ROOT / conf_source).read_text()
+    assert mosquitto["ports"] == ["127.0.0.1:1883:1883"]  # anonymous broker: the host's loopback only
+    dockerfile = ROOT / mqtt["build"]["dockerfile"]
+    assert dockerfile == DEPLOY / "docker" / "mqtt.Dockerfile" and '"-m", "services.mqtt"' in dockerfile.read_text()
+    isolate_env(monkeypatch, mqtt["environment"])
+    settings = load(MqttSettings, ROOT / mqtt["volumes"][0].split(":")[0])
+    assert (broker(settings.mqtt).host, broker(settings.mqtt).port) == ("mosquitto", 1883)
+    assert settings.redis.url == "redis://redis:6379/0" and settings.metrics.port == METRICS_PORT
+    assert settings.mqtt.discovery
+    scrape = {j["job_name"]: j for j in read_yaml(PROMETHEUS / "prometheus.yml")["scrape_configs"]}["mqtt"]
+    assert scrape["dns_sd_configs"][0]["names"] == ["mqtt"] and scrape["dns_sd_configs"][0]["port"] == METRICS_PORT
+    # the other services accept the shared file with its mqtt section
+    for cls in (IngestSettings, DetectSettings, ClassifySettings):
+        load(cls, ROOT / mqtt["volumes"][0].split(":")[0])
+
+
+def test_k8s_mqtt_overlay_runs_one_replica_with_probes_and_the_shared_config(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from services.mqtt.settings import MqttSettings
+
+    docs = mqtt_overlay_docs()
+    deployment = find(docs, "Deployment", "mqtt")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        assert container[probe]["httpGet"]["path"] == path
+        assert ports[container[probe]["httpGet"]["port"]] == METRICS_PORT
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"]) & set(container["resources"]["limits"])
+    assert {"configMapRef": {"name": "es-env"}} in container["envFrom"]
+    assert {"secretRef": {"name": "es-mqtt", "optional": True}} in container["envFrom"]
+    assert any(v.get("configMap", {}).get("name") == "es-config" for v in pod["volumes"])
+    assert find(docs, "Service", "mqtt")["spec"]["ports"][0]["port"] == METRICS_PORT
+    kustomization = read_yaml(K8S_MQTT / "kustomization.yaml")
+    assert kustomization["bases"] == ["../../base"]
+    assert kustomization["resources"] == ["mqtt.yaml", "network-policy.yaml"]
+    assert {"secretRef": {"name": "es-redis-mqtt"}} in container["envFrom"]  # its own Redis user, required
+    policies = {d["metadata"]["name"]: d["spec"] for d in yaml.safe_load_all(
+        (ROOT / "deploy/k8s/overlays/mqtt/network-policy.yaml").read_text())}
+    assert policies["redis-ingress-mqtt"]["ingress"][0]["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mqtt"}}}]
+    assert {"port": 1883, "protocol": "TCP"} in policies["mqtt-egress"]["egress"][2]["ports"]
+    # the settings load as the pod sees them: es-config, es-env and the container's own variables
+    config, env = k8s_config(base_docs())
+    own = {e["name"]: e["value"] for e in container["env"]}
+    isolate_env(monkeypatch, {**{k: v for k, v in env.items() if k.startswith("ES_")}, **own})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    settings = load(MqttSettings, path)
+    assert settings.mqtt.url == own["ES_MQTT__URL"] and settings.consumer == own["ES_CONSUMER"]
+
+
+@integration
+def test_kustomize_mqtt_overlay_builds_and_validates(tmp_path: Path) -> None:
+    docs = kustomize(K8S_MQTT)
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"emotion-stream"}
+    deployment = find(docs, "Deployment", "mqtt")
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "emotion-stream/mqtt:0.1.0"
+    for name in SERVICES:
+        find(docs, "Deployment", name)
+    kubernetes_validate(docs, tmp_path)

@@ -32,7 +32,8 @@ def dynamic_registry(redis_server: RedisServer) -> CameraRegistry:
 def test_zone_and_mask_edits_are_validated_by_field_and_kept_by_the_camera_form(
         redis_server: RedisServer, dynamic_registry: CameraRegistry) -> None:
     client = make_client(redis_server)
-    assert client.post("/api/cameras", json={"id": "hall", "url": "rtsp://cam.example/hall", "fps": 5}).status_code == 201
+    added = client.post("/api/cameras", json={"id": "hall", "url": "rtsp://cam.example/hall", "fps": 5})
+    assert added.status_code == 201
     bad = client.put("/api/cameras/hall", json={
         "mask": [[[0, 0], [0.2, 0], [0.2, 0.3]]],
         "zones": [{"name": "desk", "points": [[0, 0], [1, 0], [1, 1]]}, {"name": "door", "points": [[0, 0], [1, 1]]}]})
