@@ -200,9 +200,11 @@ def test_zero_epochs_finish_the_starting_model_with_plain_face_statistics(tmp_pa
     val = tmp_path / "val.npz"
     np.savez(val, images=images[::6], labels=labels[::6])
     out = tmp_path / "run"
+    arch = read_meta(DEFAULT_BUNDLE).extra["arch"]  # the same network as shipped, whatever its trunk size
     proc = _run_module("services.classify.train", "--train", str(FER_DIR / "train.npz"), "--val", str(val),
                        "--out", str(out), "--init-from", str(DEFAULT_BUNDLE), "--epochs", "0", "--limit", "2000",
-                       "--width", "1.25", "--bn-faces", "1000", timeout=280)
+                       "--width", str(arch["width"]), "--internal-size", str(arch["internal_size"]),
+                       "--bn-faces", "1000", timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "BatchNorm statistics re-estimated on 1000 plain training faces" in proc.stdout
     meta = json.loads((out / "bundle" / META_FILE).read_text())
