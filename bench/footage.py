@@ -49,7 +49,7 @@ import benchlib  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from shared.detection import DetectorSettings, HaarDetector, crop_faces, make_camera_detector, overlap  # noqa: E402
+from shared.detection import DetectorSettings, HaarDetector, crop_faces, make_camera_detector  # noqa: E402
 from shared.imaging import UInt8Array, to_gray  # noqa: E402
 from shared.schema import Box  # noqa: E402
 from shared.tracking import CameraTracker, Detection, TrackerSettings  # noqa: E402
@@ -181,6 +181,13 @@ def run_pass(detect: Callable[[UInt8Array, float], list[Box]], grays: list[UInt8
         out.boxes.append(detect(gray, i / fps))
         out.seconds += time.perf_counter() - t0
     return out
+
+
+def overlap(a: Box, b: Box) -> float:
+    """Intersection over the smaller box's area."""
+    ix = max(0, min(a.x + a.w, b.x + b.w) - max(a.x, b.x))
+    iy = max(0, min(a.y + a.h, b.y + b.h) - max(a.y, b.y))
+    return ix * iy / max(1, min(a.w * a.h, b.w * b.h))
 
 
 def faces_of(boxes: Sequence[Box]) -> list[list[Box]]:

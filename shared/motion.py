@@ -55,7 +55,7 @@ class MotionSettings(BaseModel):
                                  description="motion boxes grow by this many smallest-face sides on each side")
     max_region_fraction: float = Field(0.6, gt=0.0, le=1.0,
                                        description="when regions cover more of the frame than this, search it whole")
-    full_search_s: float = Field(5.0, ge=0.0, le=3600.0,
+    full_search_s: float = Field(1.0, ge=0.0, le=3600.0,
                                  description="safety net: search the whole frame at least this often (0 = never)")
     camera_search_s: float = Field(0.5, ge=0.0, le=60.0,
                                    description="while the camera moves, whole-frame search at most this often; "

@@ -91,8 +91,10 @@ def test_a_face_the_detector_finds_only_on_every_third_frame_is_reported_on_ever
         base.frame = i  # right 3 px a frame, so it is never "still"
         at = (120 + 3 * (i - 6), 120)
         boxes = detector.detect(scene(at), "cam", i * STEP_S)
-        assert len(boxes) == 1 and holds(boxes[0], at), (i, at, boxes)
-        ids.update(track(tracker, i * STEP_S, boxes))
+        # (whole-frame searches, every full_search_s, may also find what Haar takes for a face
+        # in the coffee scene: only the head's box matters here)
+        assert sum(1 for b in boxes if holds(b, at)) == 1, (i, at, boxes)
+        ids.update(t for b, t in zip(boxes, track(tracker, i * STEP_S, boxes), strict=True) if holds(b, at))
     assert len(ids) == 1, ids
 
 

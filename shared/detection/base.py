@@ -37,7 +37,7 @@ class DetectorSettings(BaseModel):
                                    description="search the whole frame every N frames of a camera and only around "
                                                "known faces in between (0 = whole frame always)")
     roi_expand: float = Field(0.6, ge=0.1, le=3.0, description="search region around a known face, in face sides")
-    follow_neighbors_relief: int = Field(2, ge=0, le=50,
+    follow_neighbors_relief: int = Field(0, ge=0, le=50,
                                          description="a known face is confirmed with this many fewer overlapping "
                                                      "hits than min_neighbors (it was already found there)")
     motion: MotionSettings = Field(default_factory=MotionSettings,  # type: ignore[arg-type]
