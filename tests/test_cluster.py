@@ -15,7 +15,7 @@ from test_pipeline import collect_from, config
 
 from shared.launcher import drained
 from shared.sample import render_frames, write_video
-from shared.schema import decode_faces
+from shared.schema import FIELD, EventMsg, decode_faces
 from shared.streams import Keys, parse_read
 
 pytestmark = [pytest.mark.integration]
@@ -175,3 +175,44 @@ def test_a_stale_owner_on_a_cluster_writes_and_acks_nothing(cluster: Cluster) ->
         assert worker.owned == set()
     finally:
         worker.keeper.stop()
+
+
+def test_classify_acks_no_face_whose_event_the_events_shard_refused(cluster: Cluster, model_bundle: Path) -> None:
+    """Classify on a cluster: the events slot's master is out of memory, the faces slot's is not;
+    the faces stay pending (no event, no ack), and are published once memory is back."""
+    from prometheus_client import CollectorRegistry
+    from test_classify_faults import faces
+
+    from services.classify.settings import ClassifySettings
+    from services.classify.worker import ClassifyMetrics, ClassifyWorker
+    from shared.classifier import load_classifier
+    from shared.streams import connect
+
+    rc = cluster.client()
+    assert rc.get_node_from_key(KEYS.events).port != rc.get_node_from_key(KEYS.faces).port
+    settings = ClassifySettings(redis={"url": cluster.url, "cluster": True}, metrics={"enabled": False},
+                                classify={"model": model_bundle, "runtime": "litert", "eager": True})
+    worker = ClassifyWorker(settings, connect(settings.redis), load_classifier(model_bundle, "litert"),
+                            ClassifyMetrics(CollectorRegistry()))
+    rc.xadd(KEYS.faces, {FIELD: faces(0)})
+    worker.step()  # one face through while memory is there: the tracks' id block is taken
+    for seq in range(1, 4):
+        rc.xadd(KEYS.faces, {FIELD: faces(seq)})
+    events_node = node_of(cluster, rc, KEYS.events)
+    try:
+        events_node.config_set("maxmemory-policy", "noeviction")
+        events_node.config_set("maxmemory", "1")
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            worker.step()
+        assert rc.xpending(KEYS.faces, "classify")["pending"] == 3, "a face was acked without its event"
+    finally:
+        events_node.config_set("maxmemory", "0")
+    worker._claim_stream(KEYS.faces, idle_ms=0)
+    assert sorted(e.seq for e in collect_events(rc)) == [0, 1, 2, 3]
+    assert rc.xpending(KEYS.faces, "classify")["pending"] == 0
+
+
+def collect_events(rc: redis.RedisCluster) -> list[EventMsg]:
+    from shared.events import EventReader
+
+    return EventReader(rc, start="start", block_ms=10).poll()  # type: ignore[arg-type]

@@ -346,7 +346,7 @@ class DetectWorker(StreamWorker):
 
     def _reject(self, pipe: Any, entry: Entry, camera: str, reason: str, detail: str) -> None:
         self.metrics.drop(camera, reason)
-        self.dead_letter(pipe, entry, reason, detail)
+        self.dead_letter(pipe, entry, reason, detail, ack=False)  # acked with the batch, after its outputs
 
     def ready(self) -> tuple[bool, str]:
         try:
