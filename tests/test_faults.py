@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -412,16 +413,34 @@ def test_backpressure_drops_are_counted_when_detect_falls_behind(tmp_path: Path,
     cfg = base_config(model_bundle, [{"id": "cam", "url": str(video), "fps": 20, "loop": True}])
     cfg["ingest"] = {"stream_maxlen": 60, "backpressure_lag": 20}
     r = redis_server.client()
-    r.xgroup_create(KEYS.frames("cam"), "detect", id="0", mkstream=True)  # a detect group nobody reads for
+    r.xgroup_create(KEYS.frames("cam"), "detect", id="0", mkstream=True)
+    # A detect worker that reads every frame and never acks (stuck, or dead before its lease
+    # lapsed): no lag, only pending entries, and they are frames detect has not finished.
+    stuck = threading.Event()
+
+    def read_never_ack() -> None:
+        reader = redis_server.client()
+        while not stuck.is_set():
+            reader.xreadgroup("detect", "stuck-worker", {KEYS.frames("cam"): ">"}, count=100, block=50)
+
+    thread = threading.Thread(target=read_never_ack, daemon=True)
+    thread.start()
     port = free_port()
-    with pipeline(tmp_path, redis_server.url, cfg, services=("ingest",), ES_METRICS__PORT=str(port)):
-        wait_for(lambda: metric_or(port, "es_frames_dropped_total", 0, reason="backpressure") >= 20, 60,
-                 what="backpressure drops")
-        published = metric(port, "es_frames_published_total", camera="cam")
-        read = metric(port, "es_frames_read_total", camera="cam")
-        dropped = metric(port, "es_frames_dropped_total", camera="cam")
-        length = r.xlen(KEYS.frames("cam"))
-    print(f"backpressure: read {read:.0f}, published {published:.0f}, dropped {dropped:.0f}, stream length {length}")
+    try:
+        with pipeline(tmp_path, redis_server.url, cfg, services=("ingest",), ES_METRICS__PORT=str(port)):
+            wait_for(lambda: metric_or(port, "es_frames_dropped_total", 0, reason="backpressure") >= 20, 60,
+                     what="backpressure drops")
+            published = metric(port, "es_frames_published_total", camera="cam")
+            read = metric(port, "es_frames_read_total", camera="cam")
+            dropped = metric(port, "es_frames_dropped_total", camera="cam")
+            length = r.xlen(KEYS.frames("cam"))
+            stats = r.xinfo_groups(KEYS.frames("cam"))[0]
+    finally:
+        stuck.set()
+        thread.join(5)
+    print(f"backpressure: read {read:.0f}, published {published:.0f}, dropped {dropped:.0f}, stream length {length}, "
+          f"pending {stats['pending']}, lag {stats['lag']}")
+    assert stats["pending"] >= 20 and stats["lag"] <= 10, "the frames must wait as pending, not as lag"
     assert length < 60, "ingest stopped before MAXLEN had to trim unread frames"
     # The lag is looked at twice a second: up to half a second of frames (10) may pass the limit.
     assert 20 <= published <= 20 + 10 + 1
