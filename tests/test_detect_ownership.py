@@ -343,8 +343,11 @@ def test_a_connection_lost_mid_batch_is_an_outage_not_a_lost_lease(redis_server:
             return pipe
 
         worker.pipeline = pipe_breaking_after_watch  # type: ignore[method-assign]
-    with pytest.raises(redis.ConnectionError):
-        worker.handle(entries)
+    try:
+        with pytest.raises(redis.ConnectionError):
+            worker.handle(entries)
+    finally:
+        worker.keeper.stop()
     assert metrics.lease_conflicts._value.get() == 0
     # Nothing was written or acked: the frames stay pending for a retry.
     assert admin.xlen(KEYS.faces) == 0
