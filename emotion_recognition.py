@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from shared.classifier import DEFAULT_FLIP_TTA, DEFAULT_ZOOM_TTA, Classifier, Runtime, load_classifier
 from shared.detection import CameraDetector, DetectorSettings, crop_faces, make_camera_detector
 from shared.imaging import UInt8Array, to_gray
+from shared.masking import mask_text
 from shared.model_bundle import DEFAULT_BUNDLE, BundleError
 from shared.motion import MotionSettings
 from shared.schema import Box
@@ -129,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=DEFAULT_FLIP_TTA,
                    help="average each face with its mirror image, as the classify service does by default")
     p.add_argument("--zoom-tta", action=argparse.BooleanOptionalAction, default=True,
-                   help="also average views zoomed by " + ", ".join(map(str, DEFAULT_ZOOM_TTA))
-                        + ", as the classify service does by default")
+                   help="also average the zoomed views the bundle is served with (model.json zoom_tta; "
+                        + ", ".join(map(str, DEFAULT_ZOOM_TTA)) + " where it names none), as the classify "
+                        "service does by default")
     p.add_argument("--runtime", choices=("auto", "litert", "litert-int8", "tensorflow"), default="auto",
                    help="inference runtime; auto prefers LiteRT (default: %(default)s)")
     p.add_argument("--every", type=positive_int, default=1, metavar="N",
@@ -204,7 +206,7 @@ def open_classifier(bundle: Path, runtime: Runtime, flip_tta: bool = DEFAULT_FLI
     try:
         # warming every batch bucket pays off in a long-running service, not for one file
         clf = load_classifier(bundle, runtime, warm=False, flip_tta=flip_tta,
-                              zoom_tta=DEFAULT_ZOOM_TTA if zoom_tta else ())
+                              zoom_tta=None if zoom_tta else ())
     except BundleError as exc:
         raise CliError(f"{exc} (choose a bundle with --model)") from exc
     except (ImportError, OSError, ValueError, RuntimeError) as exc:
@@ -366,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args, settings)
     except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {mask_text(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -51,7 +51,7 @@ import benchlib
 import cv2
 import numpy as np
 
-from shared.classifier import DEFAULT_FLIP_TTA, DEFAULT_ZOOM_TTA, load_classifier
+from shared.classifier import DEFAULT_FLIP_TTA, load_classifier
 from shared.detection import (
     CameraDetector,
     DetectorSettings,
@@ -158,7 +158,7 @@ def make_ours(args: argparse.Namespace, kind: str, downscale_width: int = 0,
     t0 = time.perf_counter()
     cfg = DetectorSettings(downscale_width=downscale_width, keyframe_interval=keyframe_interval,
                            motion=MotionSettings(enabled=kind == "default"))
-    clf = load_classifier(args.model, "litert", args.threads, flip_tta=DEFAULT_FLIP_TTA, zoom_tta=DEFAULT_ZOOM_TTA)
+    clf = load_classifier(args.model, "litert", args.threads, flip_tta=DEFAULT_FLIP_TTA, zoom_tta=None)  # as served
     load_s = time.perf_counter() - t0
     state: dict[str, CameraDetector] = {}
 

@@ -43,7 +43,8 @@ case "${1:-}" in
     apt_install redis-server ffmpeg python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp \
       gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
       gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools prometheus docker-compose chromium chromium-driver \
-      $(command -v kubectl >/dev/null || echo kubernetes-client)
+      mosquitto mosquitto-clients $(command -v kubectl >/dev/null || echo kubernetes-client) \
+      $(command -v node >/dev/null || echo nodejs npm)
     venv "[tensorflow,test]"
     "$VENV/bin/ruff" check .
     "$VENV/bin/mypy" shared services emotion_recognition.py

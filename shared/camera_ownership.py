@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from shared.cameras import CameraRegistry, CameraSettings
+from shared.sources import SourceRefusedError
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,28 @@ class CameraOwnership:
 
     def _desired(self) -> dict[str, CameraSettings]:
         desired, bad = self.registry.cameras()
+        for cid, cam in list(desired.items()):
+            refusal = self._refusal(cam)
+            if refusal is not None:
+                bad.append(f"camera {cid}: {refusal}")
+                del desired[cid]
         if bad != self._bad_configs:
             for line in bad:
                 log.error("ignoring invalid camera in Redis: %s", line)
             self._bad_configs = bad
         return desired
+
+    def _refusal(self, cam: CameraSettings) -> str | None:
+        """Why the source policy refuses a camera from Redis; the settings file's own cameras are the
+        operator's and pass as they are. Checked here too: whoever can write the registry in Redis
+        directly must not make this replica open a local file."""
+        if any(own.id == cam.id and own.url == cam.url for own in self.seed_cameras):
+            return None
+        try:
+            self.registry.policy.check(cam.url)
+        except SourceRefusedError as exc:
+            return str(exc)
+        return None
 
     def _keep_or_drop(self, running: Mapping[str, CameraSettings], desired: Mapping[str, CameraSettings],
                       alive: Callable[[str], bool], plan: Plan) -> list[str]:
@@ -86,7 +104,7 @@ class CameraOwnership:
         for cid, cam in running.items():
             if cid not in desired:
                 plan.stop.append(Stop(cid, "removed"))
-            elif desired[cid] != cam:
+            elif desired[cid].reader_view() != cam.reader_view():
                 plan.stop.append(Stop(cid, "settings changed"))
             elif not alive(cid):
                 plan.stop.append(Stop(cid, "reader died"))

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import redis
-from pydantic import Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.leases import LeasePool
 from shared.settings import Section, format_errors
-from shared.sources import source_kind
+from shared.sources import SourcePolicy, source_kind
+from shared.zones import MAX_POLYGONS, Polygon, Zone, check_zone_names
 
 
 class CameraSettings(Section):
@@ -25,6 +27,11 @@ class CameraSettings(Section):
     fps: float = Field(10.0, ge=0.0, le=120.0, description="target frames/s (0 = as fast as the source gives)")
     loop: bool = Field(False, description="files: start again at the end instead of ending")
     jpeg_quality: int | None = Field(None, ge=10, le=100, description="override of the service's JPEG quality")
+    mask: list[Polygon] = Field(default_factory=list, max_length=MAX_POLYGONS,
+                                description="polygons where faces are ignored: not searched, no motion counted, a face "
+                                            "whose centre is inside dropped (pixels, or fractions 0..1)")
+    zones: list[Zone] = Field(default_factory=list, max_length=MAX_POLYGONS,
+                              description="named polygons; each event carries the zones its face centre is in")
 
     @field_validator("url")
     @classmethod
@@ -32,14 +39,51 @@ class CameraSettings(Section):
         source_kind(v)
         return v
 
+    @model_validator(mode="after")
+    def _unique_zones(self) -> CameraSettings:
+        check_zone_names(self.zones)
+        return self
+
+    def reader_view(self) -> dict[str, object]:
+        """The settings a camera reader uses: a change of mask or zones needs no reconnect."""
+        return self.model_dump(exclude={"mask", "zones"})
+
+
+
+class SourcePolicySettings(Section):
+    """The camera source policy's keys; they live in the ``ingest`` section of every service that reads them."""
+
+    allow_local_sources: bool = Field(False, description="cameras added at run time (web view, emotion-stream "
+                                      "cameras) may be local files and devices; files only under media_root")
+    media_root: Path | None = Field(None, description="the folder local file cameras must be in (with "
+                                    "allow_local_sources)")
+    allowed_source_hosts: list[str] = Field(default_factory=list, description="when not empty, network cameras "
+                                            "added at run time must be on one of these hosts")
+
+    def policy(self) -> SourcePolicy:
+        return SourcePolicy(allow_local=self.allow_local_sources, media_root=self.media_root,
+                            allowed_hosts=tuple(h.lower() for h in self.allowed_source_hosts))
+
+
+class SourcePolicyView(SourcePolicySettings):
+    """The policy keys as the web view and the cameras command read them from the ``ingest`` section
+    (the rest of that section is ingest's to validate)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class CameraRegistry:
-    """Camera settings, status and ownership leases in Redis."""
+    """Camera settings, status and ownership leases in Redis.
 
-    def __init__(self, r: redis.Redis, prefix: str = "es") -> None:
+    :meth:`put` (the web view's admin, ``emotion-stream cameras``) checks each camera against the
+    source policy, network sources only by default; :meth:`seed` adds the operator's settings
+    file as it is.
+    """
+
+    def __init__(self, r: redis.Redis, prefix: str = "es", policy: SourcePolicy | None = None) -> None:
         self.r = r
         self.prefix = prefix
+        self.policy = policy or SourcePolicy()
         self.config_key = f"{prefix}:camera-config"
         self.status_key = f"{prefix}:camera-status"
         self.replicas_key = f"{prefix}:ingest-replicas"
@@ -57,6 +101,8 @@ class CameraRegistry:
             self.r.hsetnx(self.config_key, cam.id, cam.model_dump_json())
 
     def put(self, cam: CameraSettings, must_exist: bool | None = None) -> None:
+        """Add or change a camera; :class:`~shared.sources.SourceRefusedError` when the policy forbids its URL."""
+        self.policy.check(cam.url)
         exists = bool(self.r.hexists(self.config_key, cam.id))
         if must_exist is True and not exists:
             raise KeyError(f"camera {cam.id!r} does not exist")

@@ -40,6 +40,7 @@ BUCKETS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 DEFAULT_FLIP_TTA = True
 # Also averaging views zoomed in and out by these factors (about the crop's centre): chosen on
 # PublicTest like the flip (see the model card); each factor costs one more pass (two with flip).
+# The views served for bundles whose model.json names none (``zoom_tta``, see served_zoom).
 DEFAULT_ZOOM_TTA: tuple[float, ...] = (0.9, 1.1)
 Runtime = Literal["auto", "litert", "litert-int8", "tensorflow"]
 RUNTIMES: tuple[Runtime, ...] = ("auto", "litert", "litert-int8", "tensorflow")
@@ -276,12 +277,20 @@ def _check_output_width(clf: _BucketedClassifier, bundle: Path) -> None:
                           f"{len(clf.classes)} classes")
 
 
+def served_zoom(meta: BundleMeta) -> tuple[float, ...]:
+    """The zoom factors a bundle is served with: its own choice, else the default views."""
+    return DEFAULT_ZOOM_TTA if meta.zoom_tta is None else meta.zoom_tta
+
+
 def load_classifier(bundle: Path | None = None, runtime: Runtime = "auto", threads: int = 0,
                     warm: bool = True, flip_tta: bool = False,
-                    zoom_tta: tuple[float, ...] = ()) -> _BucketedClassifier:
-    """Open a model bundle with the chosen runtime (``auto``: LiteRT when installed)."""
+                    zoom_tta: tuple[float, ...] | None = ()) -> _BucketedClassifier:
+    """Open a model bundle with the chosen runtime (``auto``: LiteRT when installed); ``zoom_tta``
+    None serves the bundle's own zoom views (:func:`served_zoom`)."""
     bundle = Path(bundle or DEFAULT_BUNDLE)
     meta = read_meta(bundle)
+    if zoom_tta is None:
+        zoom_tta = served_zoom(meta)
     chosen = runtime
     if runtime == "auto":
         chosen = "litert" if litert_available() and (bundle / TFLITE_FILE).exists() else "tensorflow"

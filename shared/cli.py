@@ -7,19 +7,24 @@ import contextlib
 import runpy
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 from pydantic import ValidationError
 
-from shared.cameras import CameraRegistry, CameraSettings
+from shared.cameras import CameraRegistry, CameraSettings, SourcePolicyView
 from shared.console import add_filter_args, make_filter, print_event
 from shared.events import CLAIM_IDLE_MS, EventReader, TrackReader
+from shared.masking import mask_text, restore_secrets
 from shared.schema import EventMsg, TrackEventMsg
 from shared.settings import ConfigError, RedisSettings, ServiceSettings, format_errors, load, mask_url
+from shared.sources import SourceRefusedError
 from shared.streams import TRANSIENT_ERRORS, Keys, connect
+from shared.zones import geometry_errors, parse_points, parse_zone
 
-SERVICES = ("ingest", "detect", "classify", "web")
+SERVICES = ("ingest", "detect", "classify", "web", "mqtt")
 
 
 def add_redis_args(p: argparse.ArgumentParser) -> None:
@@ -61,6 +66,9 @@ def events_main(argv: list[str]) -> int:
                    help="print track events (started / changed / ended) instead of per-frame events")
     add_filter_args(p)
     args = p.parse_args(argv)
+    if args.tracks and args.zone:
+        print("error: --zone filters per-frame events; track events carry no zones", file=sys.stderr)
+        return 2
     try:
         cfg = redis_settings(args)
     except ConfigError as exc:
@@ -73,7 +81,7 @@ def events_main(argv: list[str]) -> int:
         r = connect(cfg)
         reader: EventReader | TrackReader = TrackReader(r, **options) if args.tracks else EventReader(r, **options)
     except (ValueError, redis.RedisError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {mask_text(str(exc))}", file=sys.stderr)
         return 2
     return _print_loop(reader, args.json, args.count)
 
@@ -108,6 +116,12 @@ def _wanted(reader: EventReader | TrackReader, msg: EventMsg | TrackEventMsg) ->
     return reader.filt.matches_track(msg)
 
 
+class CamerasCommandSettings(ServiceSettings):
+    """What ``emotion-stream cameras`` reads besides Redis: the source policy, from the ingest section."""
+
+    ingest: SourcePolicyView = SourcePolicyView()
+
+
 def cameras_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="emotion-stream cameras",
                                 description="Manage the cameras of ingest replicas running with ingest.dynamic: true.")
@@ -120,23 +134,28 @@ def cameras_main(argv: list[str]) -> int:
     add.add_argument("url")
     add.add_argument("--fps", type=float, default=10.0)
     add.add_argument("--loop", action=argparse.BooleanOptionalAction, default=False)
+    add_geometry_args(add)
     update = sub.add_parser("update", help="change a camera: only the fields given")
     update.add_argument("id")
     update.add_argument("url", nargs="?", default=None)
     update.add_argument("--fps", type=float, default=None)
     update.add_argument("--loop", action=argparse.BooleanOptionalAction, default=None)
+    add_geometry_args(update)
+    update.add_argument("--clear-mask", action="store_true", help="remove the camera's mask")
+    update.add_argument("--clear-zones", action="store_true", help="remove the camera's zones")
     rm = sub.add_parser("remove", help="remove a camera")
     rm.add_argument("id")
     args = p.parse_args(argv)
     try:
         cfg = redis_settings(args)
-        registry = CameraRegistry(connect(cfg), cfg.prefix)
+        policy = load(CamerasCommandSettings, args.config).ingest.policy()
+        registry = CameraRegistry(connect(cfg), cfg.prefix, policy)
         return _camera_action(registry, args)
     except ConfigError as exc:
         print("\n".join(exc.lines), file=sys.stderr)
         return 2
     except (ValueError, KeyError, redis.RedisError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {mask_text(str(exc))}", file=sys.stderr)
         return 2
 
 
@@ -146,13 +165,19 @@ def _camera_action(registry: CameraRegistry, args: argparse.Namespace) -> int:
         if args.action == "update" and current is None:
             print(f"error: camera {args.id!r} does not exist", file=sys.stderr)
             return 2
-        given = {k: v for k, v in {"url": args.url, "fps": args.fps, "loop": args.loop}.items() if v is not None}
+        url = restore_secrets(args.url, current.url) if args.url and current else args.url
+        given = {k: v for k, v in {"url": url, "fps": args.fps, "loop": args.loop}.items() if v is not None}
         try:
+            given.update(geometry_given(args))
             cam = CameraSettings.model_validate({**(current.model_dump() if current else {}), "id": args.id, **given})
         except ValidationError as exc:
-            print("\n".join(format_errors(exc)), file=sys.stderr)
+            print("\n".join(f"error: {line}" for line in geometry_errors(exc)), file=sys.stderr)
             return 2
-        registry.put(cam, must_exist=args.action == "update")
+        try:
+            registry.put(cam, must_exist=args.action == "update")
+        except SourceRefusedError as exc:
+            print(f"error: url = {mask_url(cam.url)!r}: {exc}", file=sys.stderr)
+            return 2
         print(f"camera {cam.id} {'added' if args.action == 'add' else 'updated'}")
         _warn_without_dynamic_ingest(registry)
     elif args.action == "remove":
@@ -163,12 +188,42 @@ def _camera_action(registry: CameraRegistry, args: argparse.Namespace) -> int:
     elif args.action == "list":
         cams, bad = registry.cameras()
         for cam in cams.values():
-            print(f"{cam.id}\t{mask_url(cam.url)}\tfps={cam.fps:g}\tloop={cam.loop}")
+            zones = ",".join(z.name for z in cam.zones) or "-"
+            print(f"{cam.id}\t{mask_url(cam.url)}\tfps={cam.fps:g}\tloop={cam.loop}\tmask={len(cam.mask)}\t"
+                  f"zones={zones}")
         for line in bad:
             print(f"invalid: {line}", file=sys.stderr)
     else:
         _print_status(registry)
     return 0
+
+
+def add_geometry_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mask", action="append", default=None, metavar="'X,Y X,Y X,Y ...'",
+                   help="a polygon where faces are ignored (repeatable; replaces the camera's mask): pixels, or "
+                        "fractions 0..1 of the frame")
+    p.add_argument("--zone", action="append", default=None, metavar="'NAME=X,Y X,Y X,Y ...'",
+                   help="a named zone (repeatable; replaces the camera's zones); events carry the zones of their face")
+
+
+def geometry_given(args: argparse.Namespace) -> dict[str, object]:
+    """The mask and zones the options set; a polygon that does not parse is refused by field name."""
+    given: dict[str, object] = {}
+    try:
+        if args.mask is not None or getattr(args, "clear_mask", False):
+            given["mask"] = [_parsed(f"mask[{i}]", parse_points, text) for i, text in enumerate(args.mask or [])]
+        if args.zone is not None or getattr(args, "clear_zones", False):
+            given["zones"] = [_parsed(f"zones[{i}]", parse_zone, text) for i, text in enumerate(args.zone or [])]
+    except ValueError as exc:
+        raise ConfigError([f"error: {exc}"]) from None
+    return given
+
+
+def _parsed(field: str, parse: Callable[[str], Any], text: str) -> Any:
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise ValueError(f"{field}: {exc}") from None
 
 
 def _warn_without_dynamic_ingest(registry: CameraRegistry) -> None:
@@ -205,11 +260,13 @@ commands:
   up        run the whole pipeline (embedded Redis unless REDIS_URL is set) and print events
   events    print emotion events (or, with --tracks, track events) from a running pipeline
   cameras   list / add / update / remove cameras and show their status (ingest.dynamic)
+  redis-acl write the Redis ACL file (a user per service) and each service's credentials
   keda      write the KEDA ScaledObjects (a detect trigger per camera) from a settings file
   ingest    run the ingest service     (same as python -m services.ingest)
   detect    run the detect service     (same as python -m services.detect)
   classify  run the classify service   (same as python -m services.classify)
   web       run the web view           (same as python -m services.web)
+  mqtt      publish events to MQTT     (same as python -m services.mqtt)
 
 Run 'emotion-stream COMMAND --help' for a command's options.
 """
@@ -229,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         return events_main(rest)
     if command == "cameras":
         return cameras_main(rest)
+    if command == "redis-acl":
+        from shared.redis_acl import main as redis_acl_main
+
+        return redis_acl_main(rest)
     if command == "keda":
         from shared.keda import keda_main
 

@@ -28,8 +28,9 @@ def format_event(ev: EventMsg) -> str:
     b = ev.box
     latency = (ev.publish_ts - ev.capture_ts) * 1000
     track = f" track {ev.track_id}" if ev.track_id is not None else ""
+    zones = f" zones {','.join(ev.zones)}" if ev.zones else ""
     return (f"[{ev.camera} #{ev.seq} face {ev.face}{track}] Detected Emotion: {ev.label} ({ev.score:.2f}) "
-            f"box {b.x},{b.y},{b.w}x{b.h} latency {latency:.0f} ms")
+            f"box {b.x},{b.y},{b.w}x{b.h}{zones} latency {latency:.0f} ms")
 
 
 def print_event(ev: EventMsg | TrackEventMsg, as_json: bool) -> None:
@@ -48,7 +49,10 @@ def add_filter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--camera", action="append", default=[], help="only this camera (repeatable)")
     p.add_argument("--emotion", action="append", default=[], help="only this emotion (repeatable)")
     p.add_argument("--min-score", type=float, default=0.0, help="only events with at least this score")
+    p.add_argument("--zone", action="append", default=[],
+                   help="only events whose face is in this zone of its camera (repeatable; 'none': in no zone)")
 
 
 def make_filter(args: argparse.Namespace) -> EventFilter:
-    return EventFilter(cameras=frozenset(args.camera), emotions=frozenset(args.emotion), min_score=args.min_score)
+    return EventFilter(cameras=frozenset(args.camera), emotions=frozenset(args.emotion), min_score=args.min_score,
+                       zones=frozenset(getattr(args, "zone", ())))

@@ -38,7 +38,7 @@ from typing import Any, Generic, TypeVar
 
 import redis
 
-from shared.schema import DecodeError, EventMsg, TrackEventMsg, decode_event, decode_track
+from shared.schema import NO_ZONE, DecodeError, EventMsg, TrackEventMsg, decode_event, decode_track
 from shared.streams import (
     TRANSIENT_ERRORS,
     Backoff,
@@ -66,9 +66,16 @@ class EventFilter:
     cameras: frozenset[str] = field(default_factory=frozenset)
     emotions: frozenset[str] = field(default_factory=frozenset)
     min_score: float = 0.0
+    # events whose face is in any of these zones ("none": in no zone); empty: any zone
+    zones: frozenset[str] = field(default_factory=frozenset)
 
     def matches(self, ev: EventMsg) -> bool:
-        return self._matches(ev.camera, ev.label, ev.score)
+        return self._matches(ev.camera, ev.label, ev.score) and self.in_zones(ev.zones)
+
+    def in_zones(self, zones: tuple[str, ...]) -> bool:
+        if not self.zones:
+            return True
+        return bool(self.zones.intersection(zones)) or (NO_ZONE in self.zones and not zones)
 
     def matches_track(self, te: TrackEventMsg) -> bool:
         """Track events by camera, current emotion and its (smoothed) confidence."""

@@ -40,6 +40,9 @@ HEADER = """\
 # sharing the stream would split each camera's faces between trackers (broken tracks, ids
 # changing): one replica is the tracker scope, so maxReplicaCount is 1. With tracking off,
 # classify replicas share the stream freely.
+# Each trigger logs in to Redis as the Deployment it scales (ES_REDIS__USERNAME / ES_REDIS__PASSWORD
+# of its container, from Secret es-redis-detect or es-redis-classify): those users may read
+# their streams' consumer groups (deploy/redis/users.acl).
 """
 
 ADDRESS_ENV = "KEDA_REDIS_ADDRESS"
@@ -68,7 +71,8 @@ def _camera_id(index: int, camera: Any) -> str:
 
 def _trigger(stream: str, group: str, lag: int) -> dict[str, Any]:
     return {"type": "redis-streams",
-            "metadata": {"addressFromEnv": ADDRESS_ENV, "stream": stream, "consumerGroup": group,
+            "metadata": {"addressFromEnv": ADDRESS_ENV, "usernameFromEnv": "ES_REDIS__USERNAME",
+                         "passwordFromEnv": "ES_REDIS__PASSWORD", "stream": stream, "consumerGroup": group,
                          "lagCount": str(lag), "activationLagCount": "5"}}
 
 

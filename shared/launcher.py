@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -26,6 +27,7 @@ from pydantic import ValidationError
 from shared.console import add_filter_args, make_filter, print_event, redis_url_from_env
 from shared.embedded_redis import EmbeddedRedis, free_port
 from shared.events import EventReader
+from shared.masking import install_log_masking, mask_text
 from shared.settings import ConfigError, RedisSettings, ServiceSettings, format_errors, load, mask_url, read_yaml
 from shared.sources import file_path, source_kind
 from shared.streams import TRANSIENT_ERRORS, Keys, connect, group_stats
@@ -55,6 +57,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--web-port", type=int, default=8080,
                    help="port of the web view on 127.0.0.1 (a free one when taken; 0 = any free port)")
     p.add_argument("--no-web", action="store_true", help="do not start the web view")
+    p.add_argument("--mqtt-url", default=None,
+                   help="also publish events to this MQTT broker: mqtt://[user:password@]host:port (or mqtts://); "
+                        "the config's mqtt.url does the same")
     add_filter_args(p)
     return p.parse_args(argv)
 
@@ -87,21 +92,32 @@ class Pipeline:
         self.workdir = workdir
         self.config_path = workdir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
+        self.mqtt: dict[str, Any] = config.get("mqtt") or {}
         self.detect_workers = detect_workers
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.ports: dict[str, int] = {}
 
-    def start(self, timeout: float = 120.0) -> None:
-        """Workers first; ingest once they answer /readyz, so no frame ages while they load."""
+    def start(self, timeout: float = 120.0, outputs_started: Callable[[], bool] | None = None) -> None:
+        """Workers first; ingest once they answer /readyz, so no frame ages while they load.
+
+        The outputs (MQTT) need only have created their consumer groups (``outputs_started``),
+        so that they miss no event: a broker that does not answer yet holds up nothing, the
+        events wait in Redis for it.
+        """
         workers = ["classify"] + [f"detect-{i}" for i in range(self.detect_workers)]
-        for name in workers:
+        for name in workers + self.outputs():
             self._spawn(name)
         deadline = time.monotonic() + timeout
-        while not all(_ready(self.ports[n]) for n in workers):
+        while not all(_ready(self.ports[n]) for n in workers) or (
+                self.outputs() and outputs_started is not None and not _quietly(outputs_started)):
             if self.failed() or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
         self._spawn("ingest")
+
+    def outputs(self) -> list[str]:
+        """Consumers of the events besides this command: the MQTT service when a broker is set."""
+        return ["mqtt"] if self.mqtt.get("url") else []
 
     def start_web(self, port: int) -> str:
         """The web view, shown the other services' metrics; returns its address."""
@@ -132,17 +148,40 @@ class Pipeline:
     def ingest_done(self) -> bool:
         return "ingest" in self.procs and self.procs["ingest"].poll() == 0
 
-    def stop(self, timeout: float = 15.0) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    def stop(self, timeout: float = 15.0, outputs_caught_up: Callable[[], bool] | None = None) -> None:
+        """The pipeline first, then the outputs (MQTT) once they published what it wrote last:
+        classify ends its open tracks on the way out, and those events should reach the broker."""
+        outputs = set(self.outputs())
+        _terminate([p for n, p in self.procs.items() if n not in outputs], timeout)
+        if outputs and outputs_caught_up is not None:
+            deadline = time.monotonic() + OUTPUT_CATCH_UP_S
+            while time.monotonic() < deadline and not _quietly(outputs_caught_up):
+                time.sleep(0.1)
+        _terminate([p for n, p in self.procs.items() if n in outputs], timeout)
+
+
+# How long ``up`` waits, at the end, for the MQTT service to publish the last events.
+OUTPUT_CATCH_UP_S = 10.0
+
+
+def _terminate(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _quietly(check: Callable[[], bool]) -> bool:
+    try:
+        return check()
+    except TRANSIENT_ERRORS:
+        return False
 
 
 def _ready(port: int) -> bool:
@@ -153,9 +192,10 @@ def _ready(port: int) -> bool:
         return False
 
 
-def drained(r: redis.Redis, keys: Keys, cameras: list[str]) -> bool:
-    """True when every frame and face entry has been delivered and acked."""
-    checks = [(keys.frames(c), "detect") for c in cameras] + [(keys.faces, "classify")]
+def drained(r: redis.Redis, keys: Keys, cameras: list[str], outputs: tuple[tuple[str, str], ...] = ()) -> bool:
+    """True when every frame and face entry (and of ``outputs``, (stream, group) pairs) has been
+    delivered and acked."""
+    checks = [(keys.frames(c), "detect") for c in cameras] + [(keys.faces, "classify"), *outputs]
     for stream, group in checks:
         if not r.exists(stream):
             continue
@@ -180,9 +220,9 @@ def check_inputs(inputs: list[str]) -> str | None:
         try:
             kind = source_kind(url)
         except ValueError as exc:
-            return f"--input {url}: {exc}"
+            return f"--input {mask_url(url)}: {exc}"
         if kind == "file" and not Path(file_path(url)).is_file():
-            return f"--input {url}: no such file"
+            return f"--input {mask_url(url)}: no such file"
     return None
 
 
@@ -206,6 +246,8 @@ def build_config(args: argparse.Namespace, inputs: list[str], base: dict[str, An
         config["classify"]["runtime"] = args.runtime
     if args.model:
         config["classify"]["model"] = args.model
+    if getattr(args, "mqtt_url", None):
+        config["mqtt"] = {**(config.get("mqtt") or {}), "url": args.mqtt_url}
     return config
 
 
@@ -219,6 +261,7 @@ class _Interrupt:
 
 def up_main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_masking()
     args = parse_args(argv)
     try:
         args.file_config = read_yaml(args.config)
@@ -269,7 +312,8 @@ def _run(args: argparse.Namespace, url: str, workdir: Path, config: dict[str, An
     signal.signal(signal.SIGTERM, interrupt)
     reader = EventReader(r, keys=keys, start=start_id, filt=make_filter(args), block_ms=200)
     stats = Stats()
-    pipeline.start()
+    pipeline.start(outputs_started=lambda: all(has_group(r, stream, group)
+                                               for stream, group in output_groups(pipeline, keys)))
     print(f"services started (logs in {workdir}); Ctrl-C stops", file=sys.stderr)
     if not args.no_web:
         print(f"web view: {pipeline.start_web(web_port(args.web_port))}", file=sys.stderr)
@@ -277,7 +321,7 @@ def _run(args: argparse.Namespace, url: str, workdir: Path, config: dict[str, An
     try:
         code = _event_loop(args, pipeline, reader, stats, interrupt, r, keys, [str(c["id"]) for c in config["cameras"]])
     finally:
-        pipeline.stop()
+        pipeline.stop(outputs_caught_up=lambda: drained(r, keys, [], output_groups(pipeline, keys)))
         reader.block_ms = 10
         while batch := reader.read():  # what arrived while the services stopped (a read holds 256 at most)
             for ev in (e for e in batch if reader.filt.matches(e)):
@@ -303,23 +347,45 @@ def _event_loop(args: argparse.Namespace, pipeline: Pipeline, reader: EventReade
             progress.moved()
         failure = pipeline.failed()
         if failure:
-            print(f"error: {failure}", file=sys.stderr)
+            print(f"error: {mask_text(failure)}", file=sys.stderr)
             return 1
         if not pipeline.ingest_done():
             continue
         try:
-            if drained(r, keys, cameras):
+            if drained(r, keys, cameras, output_groups(pipeline, keys)):
                 print("all inputs processed", file=sys.stderr)
                 return 0
-            progress.observe(backlog(r, keys, cameras))
+            progress.observe(backlog(r, keys, cameras, output_groups(pipeline, keys)))
         except TRANSIENT_ERRORS:
             continue  # Redis is restarting: the services retry, so does this loop
         if progress.stalled(STALL_S):
             print(f"error: inputs ended, but the pipeline made no progress for {STALL_S:.0f}s with "
-                  f"{progress.last} entries unprocessed (Redis refusing writes? see the services' logs and "
-                  "es_frames_dropped_total / es_stream_lost_total)", file=sys.stderr)
+                  f"{progress.last} entries unprocessed (Redis refusing writes{mqtt_hint(pipeline)}? see the "
+                  "services' logs and es_frames_dropped_total / es_stream_lost_total)", file=sys.stderr)
             return 1
     return 0
+
+
+def output_groups(pipeline: Pipeline, keys: Keys) -> tuple[tuple[str, str], ...]:
+    """The MQTT service's group on the events and tracks streams: stopping before it caught up
+    would leave the last events unpublished."""
+    if "mqtt" not in pipeline.outputs():
+        return ()
+    group = str(pipeline.mqtt.get("group", "mqtt"))
+    return ((keys.events, group), (keys.tracks, group))
+
+
+def has_group(r: redis.Redis, stream: str, group: str) -> bool:
+    try:
+        return any(_as_str(g["name"]) == group for g in r.xinfo_groups(stream))
+    except redis.ResponseError:
+        return False  # no such stream yet
+
+
+def mqtt_hint(pipeline: Pipeline) -> str:
+    if not pipeline.outputs():
+        return ""
+    return f", or the MQTT broker {mask_url(str(pipeline.mqtt.get('url')))} not answering (mqtt.log)"
 
 
 class Progress:
@@ -341,10 +407,10 @@ class Progress:
         return time.monotonic() - self.since > seconds
 
 
-def backlog(r: redis.Redis, keys: Keys, cameras: list[str]) -> int:
-    """Entries pending or not yet delivered in the frame and face streams."""
+def backlog(r: redis.Redis, keys: Keys, cameras: list[str], outputs: tuple[tuple[str, str], ...] = ()) -> int:
+    """Entries pending or not yet delivered in the frame and face streams (and ``outputs``'s)."""
     total = 0
-    for stream, group in [(keys.frames(c), "detect") for c in cameras] + [(keys.faces, "classify")]:
+    for stream, group in [(keys.frames(c), "detect") for c in cameras] + [(keys.faces, "classify"), *outputs]:
         stats = group_stats(r, stream, group)
         if stats is not None:
             total += stats.pending + stats.lag

@@ -55,7 +55,7 @@ class MotionSettings(BaseModel):
                                  description="motion boxes grow by this many smallest-face sides on each side")
     max_region_fraction: float = Field(0.6, gt=0.0, le=1.0,
                                        description="when regions cover more of the frame than this, search it whole")
-    full_search_s: float = Field(5.0, ge=0.0, le=3600.0,
+    full_search_s: float = Field(1.0, ge=0.0, le=3600.0,
                                  description="safety net: search the whole frame at least this often (0 = never)")
     camera_search_s: float = Field(0.5, ge=0.0, le=60.0,
                                    description="while the camera moves, whole-frame search at most this often; "
@@ -67,6 +67,15 @@ class MotionSettings(BaseModel):
                                    description="a known face where nothing changed since the previous frame keeps its "
                                                "box without a detector run, confirmed by one at least this often "
                                                "(0 = every frame)")
+    follow_confirm_s: float = Field(0.3, ge=0.0, le=60.0,
+                                    description="a known face that moves is followed by its look between frames and "
+                                                "confirmed by the detector around it at least this often")
+    follow_min_score: float = Field(0.5, ge=-1.0, le=1.0,
+                                    description="how closely (normalised cross-correlation) the face's look must "
+                                                "match for it to be followed without a detector run")
+    max_unconfirmed_s: float = Field(1.0, ge=0.0, le=60.0,
+                                     description="a face the detector has not found for this long is no longer "
+                                                 "reported (its look alone does not keep it longer)")
     forget_after_s: float = Field(2.0, ge=0.0, le=60.0,
                                   description="how long a known face that was not found is still looked for where "
                                               "it was last seen (someone walked past it)")

@@ -1,7 +1,7 @@
 """Wire schema: every message on the Redis streams, encoded with msgpack, and nothing else.
 
 Each payload is a msgpack map with ``v`` (the schema version) and ``k`` (the kind). Decoding
-is strict: a wrong version, a missing or mistyped field, a non-finite number or bytes that are
+is strict: an unknown version, a missing or mistyped field, a non-finite number or bytes that are
 not msgpack all raise :class:`DecodeError`, whose ``reason`` is a short metric label.
 """
 
@@ -13,8 +13,13 @@ from typing import Any
 
 import msgpack
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 2 added the zones of faces and events (``z``); version 1 messages (no zones, read as
+# none) are still decoded, so a pipeline can be upgraded while its streams hold old entries.
+DECODABLE_VERSIONS = (1, 2)
 FIELD = b"m"  # the single stream-entry field that carries the payload
+# Zone filters and metric labels name a face in no zone so (a zone may not be called that).
+NO_ZONE = "none"
 
 
 class DecodeError(ValueError):
@@ -55,6 +60,7 @@ class FrameMsg:
 class FaceCrop:
     box: Box
     crop: bytes  # size*size grey uint8, row-major
+    zones: tuple[str, ...] = ()  # names of the camera's zones the face's centre is in
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ class EventMsg:
     probs: tuple[float, ...]
     model_version: str
     track_id: int | None = None
+    zones: tuple[str, ...] = ()  # the camera's zones the face's centre is in, in the camera's order
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (used by ``--json`` output and the Python client)."""
@@ -104,6 +111,7 @@ class EventMsg:
             "probabilities": {c: round(p, 5) for c, p in zip(self.classes, self.probs, strict=True)},
             "model_version": self.model_version,
             "track_id": self.track_id,
+            "zones": list(self.zones),
         }
 
 
@@ -147,7 +155,7 @@ def encode_frame(m: FrameMsg) -> bytes:
 
 
 def encode_faces(m: FacesMsg) -> bytes:
-    faces = [{"b": f.box.to_list(), "c": f.crop} for f in m.faces]
+    faces = [{"b": f.box.to_list(), "c": f.crop, "z": list(f.zones)} for f in m.faces]
     return _pack("faces", {"cam": m.camera, "seq": m.seq, "ts": m.capture_ts, "dts": m.detect_ts,
                            "s": m.size, "f": faces})
 
@@ -157,6 +165,7 @@ def encode_event(m: EventMsg) -> bytes:
         "id": m.event_id, "cam": m.camera, "seq": m.seq, "face": m.face, "ts": m.capture_ts,
         "pts": m.publish_ts, "b": m.box.to_list(), "l": m.label, "s": m.score, "cls": list(m.classes),
         "p": list(m.probs), "mv": m.model_version, "tid": m.track_id,
+        "z": list(m.zones),
     })
 
 
@@ -179,8 +188,8 @@ def _unpack(data: bytes, kind: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise DecodeError("garbage", f"payload is a msgpack {type(obj).__name__}, not a map")
     version = obj.get("v")
-    if version != SCHEMA_VERSION:
-        raise DecodeError("schema_version", f"schema version {version!r}, expected {SCHEMA_VERSION}")
+    if isinstance(version, bool) or version not in DECODABLE_VERSIONS:
+        raise DecodeError("schema_version", f"schema version {version!r}, expected one of {DECODABLE_VERSIONS}")
     if obj.get("k") != kind:
         raise DecodeError("wrong_kind", f"message kind {obj.get('k')!r}, expected {kind!r}")
     return obj
@@ -226,6 +235,20 @@ def _box(value: Any) -> Box:
     return Box(x, y, w, h)
 
 
+MAX_ZONES = 16
+MAX_ZONE_NAME = 32
+
+
+def _zones(obj: dict[str, Any]) -> tuple[str, ...]:
+    """Zone names (absent in version 1: none); bounded, since consumers use them as metric labels."""
+    value = obj.get("z", [])
+    if not isinstance(value, list) or len(value) > MAX_ZONES or not all(
+            isinstance(z, str) and 0 < len(z) <= MAX_ZONE_NAME for z in value):
+        raise DecodeError("bad_field", f"zones must be at most {MAX_ZONES} names of 1-{MAX_ZONE_NAME} characters, "
+                                       f"got {value!r}"[:200])
+    return tuple(value)
+
+
 def decode_frame(data: bytes) -> FrameMsg:
     o = _unpack(data, "frame")
     msg = FrameMsg(camera=_camera(o), seq=_nonneg_int(o, "seq"), capture_ts=_num(o, "ts"),
@@ -245,7 +268,7 @@ def decode_faces(data: bytes) -> FacesMsg:
         crop = bytes(_get(item, "c", bytes))
         if len(crop) != size * size:
             raise DecodeError("bad_field", f"crop has {len(crop)} bytes, expected {size * size}")
-        faces.append(FaceCrop(box=_box(item.get("b")), crop=crop))
+        faces.append(FaceCrop(box=_box(item.get("b")), crop=crop, zones=_zones(item)))
     return FacesMsg(camera=_camera(o), seq=_nonneg_int(o, "seq"), capture_ts=_num(o, "ts"),
                     detect_ts=_num(o, "dts"), size=size, faces=tuple(faces))
 
@@ -264,7 +287,7 @@ def decode_event(data: bytes) -> EventMsg:
         face=_nonneg_int(o, "face"), capture_ts=_num(o, "ts"), publish_ts=_num(o, "pts"), box=_box(o.get("b")),
         label=str(_get(o, "l", str)), score=_num(o, "s"), classes=classes,
         probs=tuple(float(p) for p in probs_raw), model_version=str(_get(o, "mv", str)),
-        track_id=tid if isinstance(tid, int) and not isinstance(tid, bool) else None,
+        track_id=tid if isinstance(tid, int) and not isinstance(tid, bool) else None, zones=_zones(o),
     )
 
 

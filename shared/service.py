@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from shared.masking import install_log_masking
 from shared.settings import ServiceSettings, dump_masked, load_or_exit
 
 S = TypeVar("S", bound=ServiceSettings)
@@ -27,6 +28,7 @@ def parse_args(prog: str, description: str, argv: list[str] | None) -> argparse.
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_masking()
 
 
 def service_main(prog: str, description: str, settings_cls: type[S], run: Callable[[S], int],

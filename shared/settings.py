@@ -12,16 +12,19 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from shared.masking import mask_text
+from shared.masking import mask_url as mask_url  # the one masking function, still importable from here
+
 ENV_PREFIX = "ES_"
 # One YAML file may configure the whole pipeline: each service validates its own sections and
 # leaves these, owned by the other services, to them. Any other unknown key is an error.
-PIPELINE_SECTIONS = frozenset({"cameras", "ingest", "detect", "detector", "classify", "tracking", "web"})
+PIPELINE_SECTIONS = frozenset({"cameras", "ingest", "detect", "detector", "classify", "tracking", "web", "mqtt"})
 # Keys one service needs from another service's section (which it otherwise drops): the copy
 # defaults to the owner's value, and a file setting both to different values is an error.
 MIRRORED_KEYS: dict[tuple[str, str], tuple[str, str]] = {("ingest", "detect_group"): ("detect", "group")}
@@ -155,24 +158,8 @@ def mask_secret(path: str, value: Any) -> Any:
     if value is not None and any(w in path.lower() for w in SECRET_WORDS):
         return "***"
     if isinstance(value, str):
-        return mask_url(value)
+        return mask_text(value)
     return value
-
-
-def mask_url(url: str) -> str:
-    """Hide the password of a URL (``redis://u:pw@h`` -> ``redis://u:***@h``)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password is None and not (parts.username and "@" in parts.netloc):
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    cred = f"{user}:***" if parts.password is not None else "***"
-    return urlunsplit((parts.scheme, f"{cred}@{host}", parts.path, parts.query, parts.fragment))
 
 
 def load(cls: type[S], path: Path | None, overrides: dict[str, Any] | None = None) -> S:

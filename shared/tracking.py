@@ -1,7 +1,8 @@
 """Per-camera face tracks with a smoothed, hysteretic emotion state.
 
 Faces are matched to tracks by IoU (greedy, best pairs first), falling back to centre
-distance for fast motion; a track survives ``max_missed`` frames without a match. Each
+distance (and a similar size) for fast motion and for a face found again where it was lost; a
+track survives ``max_gap_s`` without a match (and, where set, ``max_missed`` frames). Each
 track keeps an exponential moving average of the class probabilities, and its current
 emotion changes only when another class leads the average by ``switch_margin`` for
 ``hold_frames`` consecutive frames. Track-level events: started, changed, ended.
@@ -28,8 +29,15 @@ class TrackerSettings(BaseModel):
     enabled: bool = Field(True, description="assign track ids and publish track events")
     iou_threshold: float = Field(0.3, gt=0, le=1, description="minimum IoU to continue a track")
     centre_distance: float = Field(1.0, ge=0, le=5, description="fallback: centre shift, in face widths, still a match")
-    max_missed: int = Field(3, ge=0, le=1000, description="frames a track survives without a detection")
-    max_gap_s: float = Field(2.0, gt=0, le=3600, description="a track not seen this long has ended")
+    max_missed: int = Field(0, ge=0, le=1000,
+                            description="frames with other faces a track survives without a detection "
+                                        "(0 = no frame limit: max_gap_s alone ends it)")
+    max_gap_s: float = Field(2.0, gt=0, le=3600,
+                             description="a track not seen this long has ended; a face found again near where "
+                                         "it was lost within this time keeps its track id")
+    size_ratio: float = Field(1.6, ge=1.0, le=10.0,
+                              description="a face matched by centre distance alone is at most this much larger or "
+                                          "smaller than the track's last box")
     ema_alpha: float = Field(0.3, gt=0, le=1, description="weight of the newest probabilities in the average")
     switch_margin: float = Field(0.1, ge=0, le=1, description="lead the new emotion needs over the current one")
     hold_frames: int = Field(3, ge=1, le=1000, description="frames the lead must hold before the state changes")
@@ -70,6 +78,11 @@ def centre_shift(a: Box, b: Box) -> float:
     dx = (a.x + a.w / 2) - (b.x + b.w / 2)
     dy = (a.y + a.h / 2) - (b.y + b.h / 2)
     return float(np.hypot(dx, dy)) / max(a.w, b.w, 1)
+
+
+def size_ratio(a: Box, b: Box) -> float:
+    """How much larger the larger box is (1.0 = the same width)."""
+    return max(a.w, b.w) / max(1, min(a.w, b.w))
 
 
 class CameraTracker:
@@ -141,7 +154,8 @@ class CameraTracker:
                 overlap = iou(det.box, track.box)
                 if overlap >= self.cfg.iou_threshold:
                     candidates.append((overlap, di, track))
-                elif centre_shift(det.box, track.box) <= self.cfg.centre_distance:
+                elif (centre_shift(det.box, track.box) <= self.cfg.centre_distance
+                      and size_ratio(det.box, track.box) <= self.cfg.size_ratio):
                     candidates.append((overlap - 1.0, di, track))  # ranks after every IoU match
         candidates.sort(key=lambda c: -c[0])
         pairs: dict[int, Track] = {}
@@ -184,7 +198,9 @@ class CameraTracker:
                             previous_duration_s=round(ts - since, 3))]
 
     def _expire(self, ts: float) -> list[TrackEvent]:
-        done = [t for t in self.tracks if t.missed > self.cfg.max_missed or ts - t.last_seen > self.cfg.max_gap_s]
+        too_many = self.cfg.max_missed > 0
+        done = [t for t in self.tracks
+                if (too_many and t.missed > self.cfg.max_missed) or ts - t.last_seen > self.cfg.max_gap_s]
         self.tracks = [t for t in self.tracks if t not in done]
         return [self._ended(t, ts) for t in done]
 

@@ -161,6 +161,25 @@ def pipeline(tmp: Path, redis_url: str, config: dict[str, Any], services: tuple[
             svc.stop()
 
 
+def make_certs(tmp: Path) -> dict[str, Path]:
+    """A test CA and a server certificate for 127.0.0.1 and localhost (openssl), as PEM files."""
+    import pytest
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    ca_key, ca, key, csr, cert = (tmp / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt"))
+    run = [["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2",
+            "-subj", "/CN=test-ca"],
+           ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+           ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+            "-days", "2", "-extfile", "/dev/stdin"]]
+    for cmd in run[:2]:
+        subprocess.run([str(c) for c in cmd], check=True, capture_output=True, timeout=60)
+    subprocess.run([str(c) for c in run[2]], input=b"subjectAltName=IP:127.0.0.1,DNS:localhost\n", check=True,
+                   capture_output=True, timeout=60)
+    return {"ca": ca, "key": key, "cert": cert}
+
+
 def fer_face(label: int, index: int = 0) -> np.ndarray:
     """A 48x48 FER2013 PublicTest face of the given class."""
     with np.load(FER_DIR / "publictest.npz") as data:
@@ -206,3 +225,95 @@ def endpoint_ok(port: int, path: str) -> bool:
             return bool(resp.status == 200)
     except OSError:
         return False
+
+
+class Mosquitto:
+    """A mosquitto broker on a free loopback port (anonymous), restartable; persistence keeps
+    retained messages and the sessions of subscribers with clean_session=False over a restart."""
+
+    def __init__(self, listener_conf: str = "allow_anonymous true\n") -> None:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(binary).exists():
+            raise RuntimeError("mosquitto not installed (deploy/run.sh test installs it)")
+        self.binary = binary
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="es-test-mosquitto-"))
+        self.conf = self.dir / "mosquitto.conf"
+        # Started as root, mosquitto would switch to its own user, which cannot read the test's
+        # private folders (certificates, passwords, persistence): it stays who started it.
+        stay = "user root\n" if os.geteuid() == 0 else ""
+        self.conf.write_text(f"{stay}listener {self.port} 127.0.0.1\n{listener_conf}persistence true\n"
+                             f"persistence_location {self.dir}/\nlog_dest stderr\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> Mosquitto:
+        log = (self.dir / "broker.log").open("ab")
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
+
+        def listening() -> bool:
+            import socket
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(listening, 10, what=f"mosquitto on {self.port}")
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM: mosquitto writes its persistence file on the way out."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+class MqttTap:
+    """A subscriber that records every message (topic, payload, retained flag) it receives."""
+
+    def __init__(self, port: int, topics: list[str], client_id: str = "", persistent: bool = False,
+                 setup: Callable[[Any], None] | None = None) -> None:
+        import threading
+
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.lock = threading.Lock()
+        self.connected = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"tap-{os.getpid()}-{id(self)}",
+                                  clean_session=not persistent)
+        self.client.reconnect_delay_set(0.1, 0.5)
+        if setup is not None:
+            setup(self.client)  # credentials, TLS
+
+        def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+            for topic in topics:
+                client.subscribe(topic, qos=1)
+            self.connected.set()
+
+        def on_message(client: Any, userdata: Any, msg: Any) -> None:
+            with self.lock:
+                self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+        self.client.on_connect = on_connect
+        self.client.on_message = on_message
+        self.client.on_disconnect = lambda *a: self.connected.clear()
+        self.client.connect("127.0.0.1", port, keepalive=10)
+        self.client.loop_start()
+        wait_for(self.connected.is_set, 10, what="MQTT subscriber connected")
+        time.sleep(0.2)  # the SUBACK
+
+    def on(self, topic: str) -> list[bytes]:
+        with self.lock:
+            return [p for t, p, _ in self.messages if t == topic]
+
+    def topics(self) -> set[str]:
+        with self.lock:
+            return {t for t, _, _ in self.messages}
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

@@ -21,10 +21,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 KEYS = Keys()
 
 
-def cameras_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def cameras_cli(url: str, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
     env = outside_env()
     return subprocess.run([sys.executable, "-m", "shared.cli", "cameras", "--redis-url", url, *args], cwd=REPO,
-                          env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+                          env={**env, "PYTHONPATH": str(REPO), **settings}, capture_output=True, text=True,
+                          timeout=60)
+
+
+def local_files_under(folder: Path) -> dict[str, str]:
+    """The settings that let cameras added at run time be files in ``folder`` (network only by default)."""
+    return {"ES_INGEST__ALLOW_LOCAL_SOURCES": "true", "ES_INGEST__MEDIA_ROOT": str(folder)}
 
 
 def seq_blocks_in_order(server: RedisServer, camera: str) -> list[int]:
@@ -37,7 +43,9 @@ def seq_blocks_in_order(server: RedisServer, camera: str) -> list[int]:
 def test_cameras_added_removed_and_taken_over(tmp_path: Path, redis_server: RedisServer) -> None:
     video = write_video(tmp_path / "clip.mp4", render_frames(10), fps=10)
     config = {"cameras": [{"id": "alpha", "url": str(video), "fps": 5, "loop": True}],
-              "ingest": {"dynamic": True, "lease_s": 2.0, "refresh_s": 0.5}, "metrics": {"enabled": False}}
+              "ingest": {"dynamic": True, "lease_s": 2.0, "refresh_s": 0.5, "allow_local_sources": True,
+                         "media_root": str(tmp_path)},
+              "metrics": {"enabled": False}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     r = redis_server.client()
     registry = CameraRegistry(r)
@@ -45,7 +53,8 @@ def test_cameras_added_removed_and_taken_over(tmp_path: Path, redis_server: Redi
                               tmp_path, tag=f"-{name}") for name in ("one", "two")}
     try:
         wait_for(lambda: r.xlen(KEYS.frames("alpha")) >= 5, 60, what="seeded camera read")
-        added = cameras_cli(redis_server.url, "add", "beta", str(video), "--fps", "5", "--loop")
+        added = cameras_cli(redis_server.url, "add", "beta", str(video), "--fps", "5", "--loop",
+                            **local_files_under(tmp_path))
         assert added.returncode == 0, added.stderr
         wait_for(lambda: r.xlen(KEYS.frames("beta")) >= 5, 30, what="added camera read")
         owners = wait_for(lambda: (o := {c: registry.owner(c) for c in ("alpha", "beta")})
@@ -85,8 +94,8 @@ def test_cameras_added_removed_and_taken_over(tmp_path: Path, redis_server: Redi
 def test_cameras_cli_rejects_bad_input(redis_server: RedisServer) -> None:
     bad = cameras_cli(redis_server.url, "add", "x", "gopher://nowhere")
     assert bad.returncode == 2 and "unsupported URL scheme" in bad.stderr
-    assert cameras_cli(redis_server.url, "update", "ghost", "a.mp4").returncode == 2
+    assert cameras_cli(redis_server.url, "update", "ghost", "rtsp://10.0.0.7/a").returncode == 2
     assert cameras_cli(redis_server.url, "remove", "ghost").returncode == 2
-    assert cameras_cli(redis_server.url, "add", "ok", "a.mp4").returncode == 0
-    dup = cameras_cli(redis_server.url, "add", "ok", "b.mp4")
+    assert cameras_cli(redis_server.url, "add", "ok", "rtsp://10.0.0.7/a").returncode == 0
+    dup = cameras_cli(redis_server.url, "add", "ok", "rtsp://10.0.0.7/b")
     assert dup.returncode == 2 and "already exists" in dup.stderr

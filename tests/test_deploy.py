@@ -24,6 +24,8 @@ from support import isolate_env
 from services.classify.settings import ClassifySettings
 from services.detect.settings import DetectSettings
 from services.ingest.settings import IngestSettings
+from shared.redis_acl import REPO_TEMPLATE as REPO_ACL
+from shared.redis_acl import write as write_acl
 from shared.settings import ServiceSettings, load
 from shared.streams import Keys
 
@@ -317,8 +319,15 @@ def test_compose_config_file_loads_with_the_compose_environment(
 
 
 @integration
-def test_docker_compose_accepts_the_compose_file() -> None:
-    run([tool("docker-compose"), "-f", str(COMPOSE), "config", "-q"])
+def test_docker_compose_accepts_the_compose_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # as an operator runs it: the Redis users written by `emotion-stream redis-acl`, and a page token
+    write_acl(tmp_path / "deploy" / "redis" / "secrets", REPO_ACL, "es")
+    monkeypatch.setenv("ES_WEB_TOKEN", "operator-token-123")
+    run([tool("docker-compose"), "-f", str(COMPOSE), "--project-directory", str(tmp_path), "config", "-q"])
+    monkeypatch.delenv("ES_WEB_TOKEN")
+    unset = subprocess.run([tool("docker-compose"), "-f", str(COMPOSE), "--project-directory", str(tmp_path),
+                            "config", "-q"], capture_output=True, text=True, timeout=120)
+    assert unset.returncode != 0 and "ES_WEB_TOKEN" in unset.stderr, unset.stderr
 
 
 # ----------------------------------------------------------------------------- Kubernetes
@@ -488,6 +497,8 @@ def test_kustomize_external_redis_overlay_drops_redis_and_repoints_the_url(tmp_p
     _, env = k8s_config(docs)
     assert "redis://redis:" not in env["ES_REDIS__URL"]
     assert env["KEDA_REDIS_ADDRESS"].split(":")[0] in env["ES_REDIS__URL"]
+    policies = {d["metadata"]["name"] for d in docs if d["kind"] == "NetworkPolicy"}
+    assert "services-egress-external-redis" in policies and not {"redis-ingress", "redis-egress"} & policies
     for name in SERVICES:
         find(docs, "Deployment", name)
     kubernetes_validate(docs, tmp_path)
@@ -497,3 +508,164 @@ def test_kustomize_external_redis_overlay_drops_redis_and_repoints_the_url(tmp_p
 def test_k8s_manifests_validate_without_kubectl(tmp_path: Path) -> None:
     """The base files one by one, for machines without kubectl (kustomize adds only names and namespaces)."""
     kubernetes_validate(base_docs(), tmp_path)
+
+
+# ----------------------------------------------------------------------------- security
+
+
+def acl_users() -> dict[str, str]:
+    """User name -> its line of deploy/redis/users.acl (the template)."""
+    lines = [line for line in REPO_ACL.read_text().splitlines() if line.startswith("user ")]
+    return {line.split()[1]: line for line in lines}
+
+
+def test_security_compose_runs_redis_with_the_acl_file_and_each_service_as_its_user() -> None:
+    services = compose()["services"]
+    redis_svc = services["redis"]
+    command = redis_svc["command"]
+    assert command[command.index("--aclfile") + 1] == "/etc/redis/users.acl"
+    assert "./deploy/redis/secrets/users.acl:/etc/redis/users.acl:ro" in redis_svc["volumes"]
+    users = acl_users()
+    assert users["default"].split()[-2:] == ["-@all", "+ping"]  # the healthcheck's PING, nothing else
+    for name in (*SERVICES, "web"):
+        assert services[name]["env_file"] == [f"deploy/redis/secrets/{name}.env"], name
+        assert name in users
+        assert "ES_REDIS__PASSWORD" not in services[name]["environment"]
+    assert "deploy/redis/secrets/" in (ROOT / ".gitignore").read_text()
+
+
+def test_security_k8s_requires_the_secrets_and_runs_redis_with_the_acl_file() -> None:
+    docs = base_docs()
+    for name in (*SERVICES, "web"):
+        (container,) = find(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+        refs = [s["secretRef"] for s in container["envFrom"] if "secretRef" in s]
+        assert {"name": f"es-redis-{name}"} in refs, (name, refs)  # not optional: no anonymous Redis access
+        assert not any(r.get("optional") for r in refs), (name, refs)
+    (web,) = find(docs, "Deployment", "web")["spec"]["template"]["spec"]["containers"]
+    assert {"name": "es-web"} in [s["secretRef"] for s in web["envFrom"] if "secretRef" in s]
+    pod = find(docs, "Deployment", "redis")["spec"]["template"]["spec"]
+    (redis_c,) = pod["containers"]
+    assert redis_c["args"][redis_c["args"].index("--aclfile") + 1] == "/etc/redis/users.acl"
+    assert {"name": "acl", "mountPath": "/etc/redis", "readOnly": True} in redis_c["volumeMounts"]
+    acl_volume = next(v for v in pod["volumes"] if v["name"] == "acl")
+    assert acl_volume["secret"] == {"secretName": "es-redis-acl"}
+    for scaled in (find(docs, "ScaledObject", "detect"), find(docs, "ScaledObject", "classify")):
+        for trigger in scaled["spec"]["triggers"]:
+            assert trigger["metadata"]["usernameFromEnv"] == "ES_REDIS__USERNAME"
+            assert trigger["metadata"]["passwordFromEnv"] == "ES_REDIS__PASSWORD"
+
+
+def _policies(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+
+
+def _selects(spec: dict[str, Any], app: str) -> bool:
+    selector = spec["podSelector"]
+    if not selector:
+        return True
+    if "matchLabels" in selector:
+        return bool(selector["matchLabels"].get("app.kubernetes.io/name") == app)
+    return any(e["key"] == "app.kubernetes.io/name" and app in e["values"] for e in selector["matchExpressions"])
+
+
+def test_security_network_policy_only_the_operator_namespace_reaches_the_web_and_services_reach_only_redis() -> None:
+    policies = _policies(base_docs())
+    assert policies["default-deny"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    web_in = [s for s in policies.values() if _selects(s, "web") and s.get("ingress")]
+    port_8080 = [rule for s in web_in for rule in s["ingress"] if {"port": 8080, "protocol": "TCP"} in rule["ports"]]
+    assert port_8080 == [{"from": [{"namespaceSelector": {"matchLabels": {"emotion-stream/web-access": "true"}}}],
+                          "ports": [{"port": 8080, "protocol": "TCP"}]}]
+    (redis_in,) = [s for s in policies.values() if _selects(s, "redis") and s.get("ingress")]
+    (rule,) = redis_in["ingress"]
+    pods = next(f["podSelector"] for f in rule["from"] if "podSelector" in f)["matchExpressions"][0]["values"]
+    assert sorted(pods) == sorted([*SERVICES, "web"]) and rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    for app in ("detect", "classify", "web"):
+        allowed = [peer for s in policies.values() if _selects(s, app) for rule in s.get("egress", [])
+                   for peer in rule["to"] if "ipBlock" in peer]
+        assert allowed == [], (app, allowed)  # no way out of the cluster: Redis, DNS (and for web, metrics)
+    egress_ports = {p["port"] for s in policies.values() if _selects(s, "detect") for rule in s.get("egress", [])
+                    for p in rule["ports"]}
+    assert egress_ports == {6379, 53}
+    assert policies["redis-egress"]["egress"] == []
+# ----------------------------------------------------------------------------- MQTT output (opt-in)
+
+K8S_MQTT = DEPLOY / "k8s" / "overlays" / "mqtt"
+
+
+def mqtt_overlay_docs() -> list[dict[str, Any]]:
+    return yaml_docs((K8S_MQTT / "mqtt.yaml").read_text())
+
+
+def test_compose_mqtt_profile_runs_the_service_against_its_mosquitto(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.mqtt.settings import MqttSettings, broker
+
+    services = compose()["services"]
+    mqtt, mosquitto = services["mqtt"], services["mosquitto"]
+    assert mqtt["profiles"] == ["mqtt"] and mosquitto["profiles"] == ["mqtt"]  # opt-in
+    assert mosquitto["image"].startswith("eclipse-mosquitto:")
+    assert mqtt["depends_on"]["mosquitto"]["condition"] == "service_healthy"
+    assert mqtt["depends_on"]["redis"]["condition"] == "service_healthy"
+    conf_source, conf_target = mosquitto["volumes"][0].split(":")[:2]
+    assert (ROOT / conf_source).is_file() and conf_target == "/mosquitto/config/mosquitto.conf"
+    assert "listener 1883" in (ROOT / conf_source).read_text()
+    assert mosquitto["ports"] == ["127.0.0.1:1883:1883"]  # anonymous broker: the host's loopback only
+    dockerfile = ROOT / mqtt["build"]["dockerfile"]
+    assert dockerfile == DEPLOY / "docker" / "mqtt.Dockerfile" and '"-m", "services.mqtt"' in dockerfile.read_text()
+    isolate_env(monkeypatch, mqtt["environment"])
+    settings = load(MqttSettings, ROOT / mqtt["volumes"][0].split(":")[0])
+    assert (broker(settings.mqtt).host, broker(settings.mqtt).port) == ("mosquitto", 1883)
+    assert settings.redis.url == "redis://redis:6379/0" and settings.metrics.port == METRICS_PORT
+    assert settings.mqtt.discovery
+    scrape = {j["job_name"]: j for j in read_yaml(PROMETHEUS / "prometheus.yml")["scrape_configs"]}["mqtt"]
+    assert scrape["dns_sd_configs"][0]["names"] == ["mqtt"] and scrape["dns_sd_configs"][0]["port"] == METRICS_PORT
+    # the other services accept the shared file with its mqtt section
+    for cls in (IngestSettings, DetectSettings, ClassifySettings):
+        load(cls, ROOT / mqtt["volumes"][0].split(":")[0])
+
+
+def test_k8s_mqtt_overlay_runs_one_replica_with_probes_and_the_shared_config(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from services.mqtt.settings import MqttSettings
+
+    docs = mqtt_overlay_docs()
+    deployment = find(docs, "Deployment", "mqtt")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        assert container[probe]["httpGet"]["path"] == path
+        assert ports[container[probe]["httpGet"]["port"]] == METRICS_PORT
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"]) & set(container["resources"]["limits"])
+    assert {"configMapRef": {"name": "es-env"}} in container["envFrom"]
+    assert {"secretRef": {"name": "es-mqtt", "optional": True}} in container["envFrom"]
+    assert any(v.get("configMap", {}).get("name") == "es-config" for v in pod["volumes"])
+    assert find(docs, "Service", "mqtt")["spec"]["ports"][0]["port"] == METRICS_PORT
+    kustomization = read_yaml(K8S_MQTT / "kustomization.yaml")
+    assert kustomization["bases"] == ["../../base"]
+    assert kustomization["resources"] == ["mqtt.yaml", "network-policy.yaml"]
+    assert {"secretRef": {"name": "es-redis-mqtt"}} in container["envFrom"]  # its own Redis user, required
+    policies = {d["metadata"]["name"]: d["spec"] for d in yaml.safe_load_all(
+        (ROOT / "deploy/k8s/overlays/mqtt/network-policy.yaml").read_text())}
+    assert policies["redis-ingress-mqtt"]["ingress"][0]["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mqtt"}}}]
+    assert {"port": 1883, "protocol": "TCP"} in policies["mqtt-egress"]["egress"][2]["ports"]
+    # the settings load as the pod sees them: es-config, es-env and the container's own variables
+    config, env = k8s_config(base_docs())
+    own = {e["name"]: e["value"] for e in container["env"]}
+    isolate_env(monkeypatch, {**{k: v for k, v in env.items() if k.startswith("ES_")}, **own})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    settings = load(MqttSettings, path)
+    assert settings.mqtt.url == own["ES_MQTT__URL"] and settings.consumer == own["ES_CONSUMER"]
+
+
+@integration
+def test_kustomize_mqtt_overlay_builds_and_validates(tmp_path: Path) -> None:
+    docs = kustomize(K8S_MQTT)
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"emotion-stream"}
+    deployment = find(docs, "Deployment", "mqtt")
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "emotion-stream/mqtt:0.1.0"
+    for name in SERVICES:
+        find(docs, "Deployment", name)
+    kubernetes_validate(docs, tmp_path)

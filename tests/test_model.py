@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import pytest
 
 from services.classify.datasets import FaceSet, default_fer_dir, load_ferplus
 from services.classify.evaluate import expected_calibration_error, reliability
-from shared.classifier import apply_temperature, fit_temperature, load_classifier, views_key
+from shared.classifier import DEFAULT_ZOOM_TTA, apply_temperature, fit_temperature, load_classifier, views_key
 from shared.model_bundle import (
     DEFAULT_BUNDLE,
     FER2013_CLASSES,
@@ -199,9 +200,11 @@ def test_zero_epochs_finish_the_starting_model_with_plain_face_statistics(tmp_pa
     val = tmp_path / "val.npz"
     np.savez(val, images=images[::6], labels=labels[::6])
     out = tmp_path / "run"
+    arch = read_meta(DEFAULT_BUNDLE).extra["arch"]  # the same network as shipped, whatever its trunk size
     proc = _run_module("services.classify.train", "--train", str(FER_DIR / "train.npz"), "--val", str(val),
                        "--out", str(out), "--init-from", str(DEFAULT_BUNDLE), "--epochs", "0", "--limit", "2000",
-                       "--width", "1.25", "--bn-faces", "1000", timeout=280)
+                       "--width", str(arch["width"]), "--internal-size", str(arch["internal_size"]),
+                       "--bn-faces", "1000", timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "BatchNorm statistics re-estimated on 1000 plain training faces" in proc.stdout
     meta = json.loads((out / "bundle" / META_FILE).read_text())
@@ -500,7 +503,6 @@ def test_the_weight_average_replaces_the_best_epoch_only_when_it_scores_higher(t
 @needs_tf
 def test_teacher_probabilities_are_the_served_mean_and_cached(dev_or_shipped_bundle: Path, tmp_path: Path) -> None:
     from services.classify.train import teacher_probabilities
-    from shared.classifier import DEFAULT_ZOOM_TTA
 
     faces, labels = _faces(20, seed=4)
     data = FaceSet(np.ascontiguousarray(_upscale(faces, 64)), labels, FER2013_CLASSES)
@@ -701,6 +703,56 @@ def test_bundle_rejects_bad_temperatures(dev_or_shipped_bundle: Path, tmp_path: 
     bundle = _bundle_with_temperatures(dev_or_shipped_bundle, tmp_path / "b", bad)
     with pytest.raises(BundleError, match="temperatures"):
         read_meta(bundle)
+
+
+def _bundle_with_meta(source: Path, target: Path, **fields: Any) -> Path:
+    shutil.copytree(source, target)
+    meta = json.loads((target / META_FILE).read_text())
+    meta.update(fields)
+    (target / META_FILE).write_text(json.dumps(meta))
+    return target
+
+
+def test_a_bundle_is_served_with_its_own_zoom_views(dev_or_shipped_bundle: Path, tmp_path: Path) -> None:
+    """zoom_tta None (the service's and the CLI's default) takes the views model.json names, and
+    the default views where it names none; an explicit choice still wins."""
+    flips_only = _bundle_with_meta(dev_or_shipped_bundle, tmp_path / "flips", zoom_tta=[])
+    one_zoom = _bundle_with_meta(dev_or_shipped_bundle, tmp_path / "one", zoom_tta=[1.1])
+    unnamed = _bundle_with_meta(dev_or_shipped_bundle, tmp_path / "unnamed", zoom_tta=None)
+    faces, _ = _faces(12, seed=8)
+    crops = np.ascontiguousarray(_upscale(faces, 64))
+    served = load_classifier(flips_only, "litert", flip_tta=True, zoom_tta=None)
+    assert served.zoom_tta == () and served.predict_views(crops).shape[0] == 2
+    explicit = load_classifier(flips_only, "litert", flip_tta=True, zoom_tta=())
+    np.testing.assert_allclose(served.predict(crops), explicit.predict(crops), atol=1e-7)
+    assert load_classifier(one_zoom, "litert", flip_tta=True, zoom_tta=None).predict_views(crops).shape[0] == 4
+    assert load_classifier(unnamed, "litert", flip_tta=True, zoom_tta=None).zoom_tta == DEFAULT_ZOOM_TTA
+    assert load_classifier(flips_only, "litert", flip_tta=True, zoom_tta=(0.9,)).zoom_tta == (0.9,)
+    assert read_meta(one_zoom).zoom_tta == (1.1,)
+
+
+@pytest.mark.parametrize("bad", [[3.0], [0.9] * 5, "0.9", [True], {"zoom": 0.9}])
+def test_bundle_rejects_bad_zoom_views_by_name_and_value(dev_or_shipped_bundle: Path, tmp_path: Path,
+                                                        bad: Any) -> None:
+    bundle = _bundle_with_meta(dev_or_shipped_bundle, tmp_path / "b", zoom_tta=bad)
+    with pytest.raises(BundleError, match=r"'zoom_tta' must be .*got " + re.escape(repr(bad))):
+        read_meta(bundle)
+
+
+@needs_tf
+def test_export_records_the_served_zoom_views(dev_or_shipped_bundle: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "b"
+    shutil.copytree(dev_or_shipped_bundle, bundle)
+    before = read_meta(bundle)
+    proc = _run_module("services.classify.export", str(bundle), "--serve-zoom")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = read_meta(bundle)
+    assert after.zoom_tta == () and after.temperatures == before.temperatures and after.extra == before.extra
+    assert _run_module("services.classify.export", str(bundle), "--serve-zoom", "0.9", "1.1").returncode == 0
+    assert read_meta(bundle).zoom_tta == (0.9, 1.1)
+    bad = _run_module("services.classify.export", str(bundle), "--serve-zoom", "2.5")
+    assert bad.returncode == 2 and "--serve-zoom [2.5]" in bad.stderr and "zoom_tta" in bad.stderr, bad.stderr
+    assert read_meta(bundle).zoom_tta == (0.9, 1.1)
 
 
 @needs_tf

@@ -70,8 +70,14 @@ class CountingDetector:
         return self.base.detect_near(gray, side)
 
 
+# These tests look at what happens between the whole-frame safety-net searches: those come every
+# SAFETY_NET_S here (the default, full_search_s, is shorter).
+SAFETY_NET_S = 5.0
+
+
 def gated(base: CountingDetector | None = None) -> GatedDetector:
-    detector = make_camera_detector(DetectorSettings(), base=base or CountingDetector())
+    settings = DetectorSettings(motion=MotionSettings(full_search_s=SAFETY_NET_S))
+    detector = make_camera_detector(settings, base=base or CountingDetector())
     assert isinstance(detector, GatedDetector), "motion gating is the default detection path"
     return detector
 
@@ -291,9 +297,9 @@ def test_gating_keeps_the_detector_off_a_still_scene_after_the_first_frame() -> 
 
 
 def test_the_whole_frame_is_still_searched_every_full_search_s() -> None:
-    settings = MotionSettings()
     counting = CountingDetector()
     detector = gated(counting)
+    settings = detector.motion_cfg
     reasons = []
     for i in range(61):  # 6 s of a still scene
         detector.detect(COFFEE, "cam", i * FPS_STEP_S)

@@ -110,7 +110,7 @@ def test_up_takes_cameras_and_settings_from_the_config_and_warns_about_a_shared_
 
 def test_cameras_remove_also_drops_the_camera_from_the_streams_detect_polls(redis_server: RedisServer) -> None:
     client = redis_server.client()
-    assert cli("cameras", "--redis-url", redis_server.url, "add", "door", "door.mp4").returncode == 0
+    assert cli("cameras", "--redis-url", redis_server.url, "add", "door", "rtsp://10.0.0.7/door").returncode == 0
     client.sadd(Keys().cameras, "door", "lobby")  # as ingest announces the cameras it reads
     assert cli("cameras", "--redis-url", redis_server.url, "remove", "door").returncode == 0
     assert client.smembers(Keys().cameras) == {b"lobby"}

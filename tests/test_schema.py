@@ -118,10 +118,48 @@ msgpack_values = st.recursive(
 
 @settings(max_examples=400, deadline=None, derandomize=True)
 @given(st.dictionaries(st.sampled_from(["v", "k", "cam", "seq", "ts", "w", "h", "jpg", "f", "s", "dts", "b", "c",
-                                        "id", "face", "pts", "l", "cls", "p", "mv"]), msgpack_values))
+                                        "id", "face", "pts", "l", "cls", "p", "mv", "z"]), msgpack_values))
 def test_decoders_survive_structured_garbage(fields: dict[str, object]) -> None:
     fields = {**fields, "v": SCHEMA_VERSION}
     for kind, decode in (("frame", decode_frame), ("faces", decode_faces), ("event", decode_event)):
         payload = msgpack.packb({**fields, "k": kind}, use_bin_type=True)
         with contextlib.suppress(DecodeError):
             decode(payload)
+
+
+ZONED_FACES = FacesMsg(**{**FACES.__dict__, "faces": (FaceCrop(Box(1, 2, 30, 40), bytes(range(16)), ("door", "desk")),
+                                                       FaceCrop(Box(0, 0, 5, 5), bytes(16)))})
+ZONED_EVENT = EventMsg(**{**EVENT.__dict__, "zones": ("door",)})
+
+
+def test_zones_of_faces_and_events_round_trip_at_version_2() -> None:
+    assert SCHEMA_VERSION == 2
+    assert decode_faces(encode_faces(ZONED_FACES)) == ZONED_FACES
+    assert decode_event(encode_event(ZONED_EVENT)) == ZONED_EVENT
+    assert msgpack.unpackb(encode_event(ZONED_EVENT))["z"] == ["door"]
+    assert ZONED_EVENT.to_dict()["zones"] == ["door"] and EVENT.to_dict()["zones"] == []
+
+
+def test_version_1_messages_without_zones_still_decode() -> None:
+    """Entries written before zones existed (schema version 1) are read as faces in no zone."""
+    v1_event = msgpack.unpackb(encode_event(ZONED_EVENT))
+    v1_event.update(v=1)
+    del v1_event["z"]
+    assert decode_event(msgpack.packb(v1_event, use_bin_type=True)) == EVENT
+    v1_faces = msgpack.unpackb(encode_faces(ZONED_FACES))
+    v1_faces["v"] = 1
+    for face in v1_faces["f"]:
+        del face["z"]
+    assert decode_faces(msgpack.packb(v1_faces, use_bin_type=True)) == FACES
+    v1_frame = msgpack.unpackb(encode_frame(FRAME))
+    v1_frame["v"] = 1
+    assert decode_frame(msgpack.packb(v1_frame, use_bin_type=True)) == FRAME
+
+
+@pytest.mark.parametrize("zones", ["door", ["door", 3], [""], ["x" * 33], ["z"] * 17])
+def test_event_with_bad_zones_is_rejected(zones: object) -> None:
+    raw = msgpack.unpackb(encode_event(ZONED_EVENT))
+    raw["z"] = zones
+    with pytest.raises(DecodeError, match="zones must be") as info:
+        decode_event(msgpack.packb(raw, use_bin_type=True))
+    assert info.value.reason == "bad_field"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from support import RedisServer, Service, endpoint_ok, free_port, service_env, wait_for
+from support import REPO, RedisServer, Service, endpoint_ok, free_port, make_certs, service_env, wait_for
 
 from shared.settings import RedisSettings
 from shared.streams import connect
@@ -62,24 +63,8 @@ def test_services_with_credentials_run_and_never_log_them(tmp_path: Path, auth_s
     assert 'es_camera_reconnects_total{camera="door"}' in metrics
 
 
-def _make_certs(tmp: Path) -> dict[str, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    ca_key, ca, key, csr, cert = (tmp / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt"))
-    run = [["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2",
-            "-subj", "/CN=test-ca"],
-           ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
-           ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
-            "-days", "2", "-extfile", "/dev/stdin"]]
-    for cmd in run[:2]:
-        subprocess.run([str(c) for c in cmd], check=True, capture_output=True, timeout=60)
-    subprocess.run([str(c) for c in run[2]], input=b"subjectAltName=IP:127.0.0.1\n", check=True, capture_output=True,
-                   timeout=60)
-    return {"ca": ca, "key": key, "cert": cert}
-
-
 def test_tls_connection_with_ca(tmp_path: Path) -> None:
-    certs = _make_certs(tmp_path)
+    certs = make_certs(tmp_path)
     tls_port = free_port()
     binary = shutil.which("redis-server")
     assert binary
@@ -106,3 +91,36 @@ def _try_ping(client: redis.Redis) -> bool:
         return bool(client.ping())
     except redis.ConnectionError:
         return False
+
+
+def test_security_secrets_in_camera_queries_masked_in_check_config_logs_metrics_and_errors(
+        tmp_path: Path, auth_server: RedisServer) -> None:
+    secrets = ("app-secret-pw", "cam-secret-pw", "q-secret-pw", "sig-secret", "key-secret")
+    camera = "http://viewer:cam-secret-pw@127.0.0.1:9/video.mjpg?user=viewer&password=q-secret-pw&sig=sig-secret"
+    (tmp_path / "config.yaml").write_text(
+        f"cameras:\n  - {{id: door, url: '{camera}'}}\n  - {{id: yard, url: 'rtsp://127.0.0.1:9/s?apikey=key-secret'}}\n"
+        "ingest: {reconnect_initial_s: 0.2, reconnect_max_s: 0.5, open_timeout_s: 1}\n")
+    url = f"redis://camera-app:app-secret-pw@127.0.0.1:{auth_server.port}/0"
+    checked = subprocess.run([sys.executable, "-m", "services.ingest", "--config", str(tmp_path / "config.yaml"),
+                              "--check-config"], cwd=REPO, env=service_env(url), capture_output=True, text=True,
+                             timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    assert "password=***&sig=***" in checked.stdout and "apikey=***" in checked.stdout
+    port = free_port()
+    ingest = Service("ingest", tmp_path / "config.yaml", service_env(url, ES_METRICS__PORT=str(port)), tmp_path)
+    try:
+        wait_for(lambda: "reconnecting" in ingest.log() and "yard" in ingest.log(), 30, what="camera retries logged")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+    finally:
+        ingest.stop()
+    log = ingest.log()
+    assert "http://viewer:***@127.0.0.1:9/video.mjpg?user=viewer&password=***&sig=***" in log
+    refused = subprocess.run([sys.executable, "-m", "shared.cli", "up", "--input",
+                              "gopher://u:cam-secret-pw@127.0.0.1/x?token=q-secret-pw"], cwd=REPO,
+                             env=service_env(url), capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "gopher://u:***@127.0.0.1/x?token=***" in refused.stderr, refused.stderr
+    for secret in secrets:
+        for where, text in (("check-config", checked.stdout), ("log", log), ("metrics", metrics),
+                            ("up", refused.stderr)):
+            assert secret not in text, (secret, where)

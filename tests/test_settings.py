@@ -111,3 +111,10 @@ def test_zoom_tta_factor_out_of_range_names_the_key(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 1
     assert "classify.zoom_tta" in result.stderr and "3.0" in result.stderr, result.stderr
+
+
+def test_zoom_tta_defaults_to_the_bundles_views_and_an_empty_list_turns_zoom_off(tmp_path: Path) -> None:
+    # None lets the classify service take the views the model bundle was chosen with (model.json zoom_tta).
+    assert load(ClassifySettings, write(tmp_path, "classify: {}\n")).classify.zoom_tta is None
+    assert load(ClassifySettings, write(tmp_path, "classify: {zoom_tta: []}\n")).classify.zoom_tta == []
+    assert load(ClassifySettings, write(tmp_path, "classify: {zoom_tta: [1.1]}\n")).classify.zoom_tta == [1.1]

@@ -49,7 +49,7 @@ def make_client(server: RedisServer, static: list[CameraSettings] | None = None,
     r = connect(RedisSettings(url=server.url))
     ctx = WebContext(r=r, keys=KEYS, opts=WebOptions.model_validate(opts), state=LiveState(300.0),
                      registry=CameraRegistry(r), metrics=WebMetrics(CollectorRegistry()), static_cameras=static or [])
-    return TestClient(make_app(ctx))
+    return TestClient(make_app(ctx), base_url="http://localhost")  # a Host the page answers to by default
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ def test_static_cameras_come_from_the_settings_file_masked_and_the_registry_wins
     assert [(c["id"], c["url"], c["fps"], c["state"]) for c in listing["cameras"]] == [
         ("gate", "rtsp://admin:***@10.0.0.7/stream1", 4.0, "no frames"), ("lobby", None, None, "no frames")]
     assert listing["dynamic"] is False
-    CameraRegistry(redis_server.client()).put(CameraSettings(id="door", url="door.mp4"))
+    CameraRegistry(redis_server.client()).put(CameraSettings(id="door", url="rtsp://10.0.0.9/door"))
     assert [c["id"] for c in client.get("/api/cameras").json()["cameras"]] == ["door"]
 
 
@@ -327,9 +327,11 @@ def test_compose_runs_the_web_view_on_loopback_with_the_pipeline_config(monkeypa
     assert svc["build"]["dockerfile"] == "deploy/docker/web.Dockerfile"
     assert '"-m", "services.web"' in (REPO / svc["build"]["dockerfile"]).read_text()
     assert "9100/healthz" in " ".join(svc["healthcheck"]["test"])
-    isolate_env(monkeypatch, svc["environment"])
+    assert svc["environment"]["ES_WEB__TOKEN"].startswith("${ES_WEB_TOKEN:?")  # compose refuses to start without
+    isolate_env(monkeypatch, {**svc["environment"], "ES_WEB__TOKEN": "operator-token"})
     settings = load(WebSettings, REPO / svc["volumes"][0].split(":")[0])
     assert (settings.web.host, settings.web.port, settings.metrics.port) == ("0.0.0.0", 8080, 9100)
+    assert settings.web.auth_required
     assert [s.name for s in settings.web.services] == ["ingest", "detect", "classify"]
 
 
@@ -346,6 +348,9 @@ def test_k8s_web_deployment_has_probes_a_service_and_loads_its_settings(monkeypa
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert {p["port"] for p in docs[("Service", "web")]["spec"]["ports"]} == {8080, 9100}
     env = {**docs[("ConfigMap", "es-env")]["data"], **{e["name"]: e["value"] for e in container["env"]}}
+    secrets = [s["secretRef"] for s in container["envFrom"] if "secretRef" in s]
+    assert {"name": "es-web"} in secrets  # required: the pod does not start without the page's credentials
+    env["ES_WEB__TOKEN"] = "from-the-es-web-secret"
     isolate_env(monkeypatch, {k: v for k, v in env.items() if k.startswith("ES_")})
     config = tmp_path / "config.yaml"
     config.write_text(docs[("ConfigMap", "es-config")]["data"]["config.yaml"])

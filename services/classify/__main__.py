@@ -25,7 +25,7 @@ def run(settings: ClassifySettings) -> int:
     cfg = settings.classify
     try:
         classifier = load_classifier(cfg.model, cfg.runtime, cfg.threads, flip_tta=cfg.flip_tta,
-                                     zoom_tta=tuple(cfg.zoom_tta))
+                                     zoom_tta=None if cfg.zoom_tta is None else tuple(cfg.zoom_tta))
     except (BundleError, ValueError, OSError) as exc:
         print(f"config error: classify.model = '{cfg.model}': {exc}", file=sys.stderr)
         return 1

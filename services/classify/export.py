@@ -2,12 +2,15 @@
 
     python -m services.classify.export BUNDLE --int8 [--calibration NPZ]
     python -m services.classify.export BUNDLE --temperature [--val NPZ]
+    python -m services.classify.export BUNDLE --serve-zoom [F ...]
 
 ``--int8`` adds ``model_int8.tflite`` (int8 weights and activations, float input and output) to
 an existing bundle, its activation ranges set on training faces. ``--temperature`` fits a
 softmax temperature per set of test-time views (single, flip, flip + zoom as served) on the
 selection faces (default FER2013 PublicTest) and stores them in ``model.json``; the classifier
-applies them after averaging the views.
+applies them after averaging the views. ``--serve-zoom`` records the zoom factors the bundle is
+served with (``model.json`` ``zoom_tta``; none given: flips only), chosen per model on the
+selection set with ``python -m services.classify.evaluate --flip-tta --zoom-tta``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from shared.model_bundle import KERAS_FILE, TFLITE_FILE, TFLITE_INT8_FILE, BundleMeta, read_meta, write_meta
+from shared.model_bundle import (
+    KERAS_FILE,
+    TFLITE_FILE,
+    TFLITE_INT8_FILE,
+    BundleError,
+    BundleMeta,
+    read_meta,
+    read_zoom_tta,
+    write_meta,
+)
 
 if TYPE_CHECKING:
     from services.classify.datasets import FaceSet
@@ -110,10 +122,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="fit calibration temperatures on --val and store them in model.json")
     p.add_argument("--val", type=Path, default=default_fer_dir() / "publictest.npz",
                    help="labelled faces the temperatures are fitted on (never the test set)")
+    p.add_argument("--serve-zoom", type=float, nargs="*", default=None, metavar="F",
+                   help="store the zoom factors the bundle is served with in model.json (none: flips only)")
     args = p.parse_args(argv)
-    if not (args.int8 or args.temperature):
-        p.error("nothing to do: give --int8 and/or --temperature")
+    if not (args.int8 or args.temperature or args.serve_zoom is not None):
+        p.error("nothing to do: give --int8, --temperature and/or --serve-zoom")
     meta = read_meta(args.bundle)
+    if args.serve_zoom is not None:
+        try:
+            zoom = read_zoom_tta(args.bundle, args.serve_zoom)
+        except BundleError as exc:
+            p.error(f"--serve-zoom {args.serve_zoom}: {exc}")
+        write_meta(args.bundle, dataclasses.replace(meta, zoom_tta=zoom))
+        print(f"served zoom views {list(zoom or ())} stored in {args.bundle / 'model.json'}")
     if args.int8:
         if not args.calibration.exists():
             p.error(f"--calibration {args.calibration} not found")

@@ -18,8 +18,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from services.classify.settings import ClassifyOptions
-from shared.schema import FIELD, Box, EventMsg, FacesMsg, TrackEventMsg, encode_event, encode_track, event_id
+from shared.schema import FIELD, EventMsg, FaceCrop, FacesMsg, TrackEventMsg, encode_event, encode_track, event_id
 from shared.streams import Entry, Keys, LivePublisher
+from shared.zones import zone_label
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class Publisher:
             raise
         self.live.flush()
         for ev in events:
-            self.metrics.events.labels(camera=ev.camera, emotion=ev.label).inc()
+            self.metrics.events.labels(camera=ev.camera, emotion=ev.label, zone=zone_label(ev.zones)).inc()
             self.metrics.end_to_end.labels(camera=ev.camera).observe(max(0.0, ev.publish_ts - ev.capture_ts))
         for te in track_events:
             self.metrics.track_events.labels(camera=te.camera, kind=te.kind).inc()
@@ -105,7 +106,7 @@ class Publisher:
             ids, tevs = self.tracks.track(c.msg, c.probs)
             track_events += tevs
             for index, face in enumerate(c.msg.faces):
-                events.append(self._event(c.msg, index, face.box, c.probs[index], now, ids[index]))
+                events.append(self._event(c.msg, index, face, c.probs[index], now, ids[index]))
         return events, track_events
 
     def _queue_outputs(self, pipe: Any, events: list[EventMsg], track_events: list[TrackEventMsg]) -> None:
@@ -127,12 +128,12 @@ class Publisher:
         for stream, ids in by_stream.items():
             pipe.xack(stream, self.group, *ids)
 
-    def _event(self, msg: FacesMsg, index: int, box: Box, p: np.ndarray, now: float,
+    def _event(self, msg: FacesMsg, index: int, face: FaceCrop, p: np.ndarray, now: float,
                track_id: int | None) -> EventMsg:
         best = int(np.argmax(p))
         classes = self.model.classes
         return EventMsg(event_id=event_id(msg.camera, msg.seq, index), camera=msg.camera, seq=msg.seq, face=index,
-                        capture_ts=msg.capture_ts, publish_ts=now, box=box,
+                        capture_ts=msg.capture_ts, publish_ts=now, box=face.box,
                         label=classes[best], score=float(p[best]), classes=classes,
                         probs=tuple(float(x) for x in p), model_version=self.model.version,
-                        track_id=track_id)
+                        track_id=track_id, zones=face.zones)

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from shared.classifier import DEFAULT_FLIP_TTA, DEFAULT_ZOOM_TTA
-from shared.model_bundle import DEFAULT_BUNDLE
+from shared.model_bundle import DEFAULT_BUNDLE, MAX_ZOOM_VIEWS, ZOOM_RANGE
 from shared.settings import Section, ServiceSettings
 from shared.tracking import TrackerSettings
 
@@ -19,9 +19,11 @@ class ClassifyOptions(Section):
     runtime: Literal["auto", "litert", "litert-int8", "tensorflow"] = Field(
         "auto", description="inference runtime (litert-int8: the bundle's int8 model, faster, slightly less accurate)")
     flip_tta: bool = Field(DEFAULT_FLIP_TTA, description="average each face with its mirror image (2x model time)")
-    zoom_tta: list[Annotated[float, Field(ge=0.5, le=2.0)]] = Field(list(DEFAULT_ZOOM_TTA), max_length=4,
-                                  description="also average views zoomed by these factors about the crop's centre "
-                                              "(each costs one more model pass, two with flip_tta); [] = off")
+    zoom_tta: list[Annotated[float, Field(ge=ZOOM_RANGE[0], le=ZOOM_RANGE[1])]] | None = Field(
+        None, max_length=MAX_ZOOM_VIEWS,
+        description="also average views zoomed by these factors about the crop's centre (each costs one more "
+                    "model pass, two with flip_tta); [] = off; null = the views the bundle names (model.json "
+                    "zoom_tta), else " + ", ".join(map(str, DEFAULT_ZOOM_TTA)))
     threads: int = Field(1, ge=0, le=64, description="inference threads (0 = runtime default)")
     max_batch: int = Field(64, ge=1, le=1024, description="run the model once this many faces wait")
     max_wait_ms: int = Field(20, ge=0, le=10_000, description="... or once the oldest waiting face is this old")

@@ -35,8 +35,8 @@ class ClassifyMetrics(CommonMetrics):
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry)
         self.inference = Histogram("es_classify_inference_seconds", "Model time per batch",
                                    buckets=LATENCY_BUCKETS, registry=registry)
-        self.events = Counter("es_events_total", "Emotion events published", ["camera", "emotion"],
-                              registry=registry)
+        self.events = Counter("es_events_total", "Emotion events published, by the first zone their face is in "
+                              "(or none)", ["camera", "emotion", "zone"], registry=registry)
         self.track_events = Counter("es_track_events_total", "Track events published", ["camera", "kind"],
                                     registry=registry)
         self.end_to_end = Histogram("es_end_to_end_seconds", "Capture to event publish", ["camera"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from shared.cameras import CameraSettings
 from shared.detection import DetectorSettings
 from shared.settings import Section, ServiceSettings
 
@@ -26,3 +27,6 @@ class DetectOptions(Section):
 class DetectSettings(ServiceSettings):
     detect: DetectOptions = DetectOptions()
     detector: DetectorSettings = DetectorSettings()
+    cameras: list[CameraSettings] = Field(default_factory=list, description="the pipeline's cameras (ingest's "
+                                          "section): their mask and zones, while ingest is not dynamic (else the "
+                                          "camera registry's are used)")

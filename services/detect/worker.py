@@ -19,12 +19,14 @@ import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.detect.settings import DetectSettings
+from shared.cameras import CameraRegistry, CameraSettings
 from shared.detection import CameraDetector, crop_faces
 from shared.health import LATENCY_BUCKETS, CommonMetrics
 from shared.leases import LeaseKeeper, LeasePool, fair_share
-from shared.schema import FIELD, DecodeError, FaceCrop, FacesMsg, FrameMsg, decode_frame, encode_faces
+from shared.schema import FIELD, Box, DecodeError, FaceCrop, FacesMsg, FrameMsg, decode_frame, encode_faces
 from shared.streams import CONNECTION_ERRORS, Entry, Keys, is_transient, refusal_reason, watch_broken
 from shared.worker import Stopper, StreamWorker
+from shared.zones import CameraGeometries, CameraGeometry, blank, zone_label
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,14 @@ class DetectMetrics(CommonMetrics):
         super().__init__(registry, "detect")
         self.processed = Counter("es_detect_frames_total", "Frames run through face detection", ["camera"],
                                  registry=registry)
-        self.faces = Counter("es_detect_faces_total", "Faces found", ["camera"], registry=registry)
+        self.faces = Counter("es_detect_faces_total", "Faces found, by the first zone their centre is in (or none)",
+                             ["camera", "zone"], registry=registry)
+        self.masked_frames = Counter("es_detect_masked_frames_total",
+                                     "Frames searched with the camera's mask blanked out", ["camera"],
+                                     registry=registry)
+        self.faces_dropped = Counter("es_detect_faces_dropped_total", "Faces found but not published, by reason "
+                                     "(mask: the centre lies in the camera's mask)", ["camera", "reason"],
+                                     registry=registry)
         self.frame_age = Histogram("es_detect_frame_age_seconds", "Frame age (capture to detect start)",
                                    buckets=LATENCY_BUCKETS, registry=registry)
         self.latency = Histogram("es_detect_seconds", "Decode + detect + crop time per frame",
@@ -81,6 +90,13 @@ class DetectWorker(StreamWorker):
         self._cameras: list[str] = []
         self._cameras_at = 0.0
         self._keeping = False
+        self.registry = CameraRegistry(r, prefix)
+        self.geometries = CameraGeometries(self._camera_settings, settings.detect.cameras_refresh_s)
+
+    def _camera_settings(self) -> dict[str, CameraSettings]:
+        """Masks and zones: the registry's cameras when it has any (dynamic ingest), else the file's."""
+        live, _ = self.registry.cameras()
+        return live or {c.id: c for c in self.cfg.cameras}
 
     # -- which cameras ------------------------------------------------------
 
@@ -92,6 +108,7 @@ class DetectWorker(StreamWorker):
             self._renewed_at = now
             self._rebalance(now)
             self._adopt_pending()
+        self.geometries.refresh()
         return [self.keys.frames(c) for c in sorted(self.owned)]
 
     def _rebalance(self, now: float) -> None:
@@ -319,7 +336,11 @@ class DetectWorker(StreamWorker):
         self._detect(pipe, msg, image, started)
 
     def _detect(self, pipe: Any, msg: FrameMsg, image: np.ndarray, started: float) -> None:
-        boxes = self.detector.detect(image, msg.camera, msg.capture_ts)
+        geometry = self.geometries.get(msg.camera)
+        boxes = self.detector.detect(blank(image, geometry), msg.camera, msg.capture_ts)
+        if geometry is not None and geometry.mask:
+            boxes = self._unmasked(geometry, msg.camera, boxes, image)
+        # Crops come from the frame as it is: a face beside the mask keeps its own pixels.
         found = crop_faces(image, boxes, self.cfg.detector.margin)
         self.metrics.latency.observe(time.perf_counter() - started)
         self.metrics.processed.labels(camera=msg.camera).inc()
@@ -327,12 +348,29 @@ class DetectWorker(StreamWorker):
         self._count_search(msg.camera)
         if not found:
             return
-        self.metrics.faces.labels(camera=msg.camera).inc(len(found))
+        h, w = image.shape[:2]
+        crops = []
+        for f in found:
+            zones = geometry.zones_of(f.box, w, h) if geometry is not None else ()
+            self.metrics.faces.labels(camera=msg.camera, zone=zone_label(zones)).inc()
+            crops.append(FaceCrop(box=f.box, crop=f.crop.tobytes(), zones=zones))
         faces = FacesMsg(camera=msg.camera, seq=msg.seq, capture_ts=msg.capture_ts, detect_ts=time.time(),
-                         size=found[0].crop.shape[0],
-                         faces=tuple(FaceCrop(box=f.box, crop=f.crop.tobytes()) for f in found))
+                         size=found[0].crop.shape[0], faces=tuple(crops))
         pipe.xadd(self.keys.faces, {FIELD: encode_faces(faces)}, maxlen=self.cfg.detect.faces_maxlen,
                   approximate=True)
+
+    def _unmasked(self, geometry: CameraGeometry, camera: str, boxes: list[Box], image: np.ndarray) -> list[Box]:
+        """Faces whose centre is outside the mask; the others are dropped and counted.
+
+        The detector never saw the masked pixels, but a face straddling the mask's edge, or one a
+        motion-gated detector kept from before the mask was set, can still be reported there.
+        """
+        self.metrics.masked_frames.labels(camera=camera).inc()
+        h, w = image.shape[:2]
+        kept = [b for b in boxes if not geometry.masked(b, w, h)]
+        if len(kept) < len(boxes):
+            self.metrics.faces_dropped.labels(camera=camera, reason="mask").inc(len(boxes) - len(kept))
+        return kept
 
     def _count_search(self, camera: str) -> None:
         report = self.detector.last

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from shared.cameras import CameraSettings
-from shared.settings import Section, ServiceSettings
+from shared.cameras import CameraSettings, SourcePolicySettings
+from shared.settings import ServiceSettings
 
 
-class IngestOptions(Section):
+class IngestOptions(SourcePolicySettings):
     jpeg_quality: int = Field(80, ge=10, le=100, description="JPEG quality of published frames")
     grayscale: bool = Field(True, description="publish grey JPEGs (detection and the model only use grey)")
     max_width: int = Field(1920, ge=64, le=8192, description="wider frames are downscaled to this width")

@@ -19,6 +19,7 @@ from shared.camera_ownership import CameraOwnership
 from shared.cameras import CameraRegistry, CameraSettings
 from shared.health import LATENCY_BUCKETS, CommonMetrics, Heartbeat
 from shared.imaging import UInt8Array, to_gray
+from shared.masking import mask_text
 from shared.schema import FIELD, FrameMsg, encode_frame
 from shared.sequence import SeqAllocator
 from shared.streams import (
@@ -126,7 +127,7 @@ class CameraReader(threading.Thread):
         reason = refusal_reason(exc) if isinstance(exc, TRANSIENT_ERRORS) else "reader_error"
         self.metrics.drop(self.cam.id, reason)
         self.metrics.reader_errors.labels(camera=self.cam.id, reason=reason).inc()
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error = mask_text(f"{type(exc).__name__}: {exc}")
         delay = self._redis_backoff.next_delay()
         log.exception("camera %s: %s; frame dropped, going on in %.2fs", self.cam.id, reason, delay)
         self.stopper.wait(delay)
@@ -300,7 +301,7 @@ class IngestWorker:
         self.keys = Keys(settings.redis.prefix)
         self.heartbeat = Heartbeat(metrics.heartbeat)
         self.replica = settings.consumer or default_consumer_name()
-        self.registry = CameraRegistry(r, settings.redis.prefix)
+        self.registry = CameraRegistry(r, settings.redis.prefix, settings.ingest.policy())
         self.ownership = CameraOwnership(self.registry, self.replica, settings.cameras, self.opts.lease_s)
         self.readers: dict[str, CameraReader] = {}
         self._leaving: list[CameraReader] = []

@@ -33,9 +33,6 @@ def bind(host: str, port: int) -> socket.socket:
 
 def run(settings: WebSettings) -> int:
     opts = settings.web
-    if opts.exposed_without_auth:
-        log.warning("web.host is %s with no web.token and no basic auth: anyone who reaches it can change "
-                    "cameras", opts.host)
     try:
         sock = bind(opts.host, opts.port)
     except OSError as exc:
@@ -48,16 +45,19 @@ def run(settings: WebSettings) -> int:
     state = LiveState(opts.window_s)
     heartbeat = Heartbeat(metrics.heartbeat)
     tail = Tail(r, keys, state, heartbeat, metrics.redis_errors.inc)
-    ctx = WebContext(r=r, keys=keys, opts=opts, state=state, registry=CameraRegistry(r, settings.redis.prefix),
+    cameras = CameraRegistry(r, settings.redis.prefix, settings.ingest.policy())
+    ctx = WebContext(r=r, keys=keys, opts=opts, state=state, registry=cameras,
                      metrics=metrics, static_cameras=list(settings.cameras))
     health = None
     if settings.metrics.enabled:
         health = HealthServer(settings.metrics, registry, heartbeat, lambda: (bool(r.ping()), "redis ok")).start()
     tail.start()
     port = sock.getsockname()[1]
-    log.info("web view: http://%s:%d/", opts.host, port)
+    log.info("web view: %s://%s:%d/ (answers to Host %s)", "https" if opts.tls_certfile else "http", opts.host, port,
+             ", ".join(sorted(opts.hosts_allowed())))
     server = uvicorn.Server(uvicorn.Config(make_app(ctx), log_level="warning", timeout_graceful_shutdown=2,
-                                           access_log=False))
+                                           access_log=False, ssl_certfile=opts.tls_certfile,
+                                           ssl_keyfile=opts.tls_keyfile))
     try:
         server.run(sockets=[sock])
     finally:

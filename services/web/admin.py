@@ -14,7 +14,12 @@ from starlette.responses import JSONResponse, Response
 from services.web.context import RequestError, WebContext, camera_id, context_of
 from services.web.views import dynamic_ingest_alive
 from shared.cameras import CameraSettings
+from shared.masking import restore_secrets
 from shared.settings import format_errors, mask_url
+from shared.sources import SourceRefusedError
+from shared.zones import geometry_errors
+
+GEOMETRY = ("mask", "zones")
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +48,26 @@ def _require_dynamic(ctx: WebContext) -> None:
 
 def _camera_from(body: dict[str, Any], cid: str, current: CameraSettings | None) -> CameraSettings:
     url = str(body.get("url") or "")
-    if current is not None and (not url or url == mask_url(current.url)):
-        url = current.url  # the page only ever saw the masked URL: keep the stored credentials
+    if current is not None:
+        # the page only ever saw the masked URL: keep the stored credentials
+        url = restore_secrets(url, current.url) if url else current.url
     fields = {"id": cid, "url": url, "fps": body.get("fps", current.fps if current else 10.0),
               "loop": bool(body.get("loop", current.loop if current else False))}
+    # Fields the body leaves out keep their values: the camera form does not send the mask and
+    # zones, the mask and zones editor sends nothing else.
+    for key in GEOMETRY:
+        fields[key] = body[key] if key in body else (current.model_dump()[key] if current else [])
     try:
         return CameraSettings.model_validate(fields)
     except ValidationError as exc:
-        raise RequestError(422, [line.removeprefix("config error: ") for line in format_errors(exc)]) from None
+        raise RequestError(422, camera_errors(exc)) from None
+
+
+def camera_errors(exc: ValidationError) -> list[str]:
+    """Mask and zone problems as ``zones[1].points[2]: reason`` (the page marks them by field), the rest as usual."""
+    geometry = [line for line in geometry_errors(exc) if line.startswith(GEOMETRY)]
+    rest = [line.removeprefix("config error: ") for line in format_errors(exc)]
+    return geometry + [line for line in rest if not line.startswith(GEOMETRY)]
 
 
 async def api_camera_add(request: Request) -> Response:
@@ -80,6 +97,9 @@ def _put(ctx: WebContext, cam: CameraSettings, must_exist: bool) -> None:
     except KeyError as exc:
         ctx.metrics.camera_changes.labels(action="update" if must_exist else "add", result="refused").inc()
         raise RequestError(409, [str(exc.args[0])]) from None
+    except SourceRefusedError as exc:
+        ctx.metrics.camera_changes.labels(action="update" if must_exist else "add", result="refused").inc()
+        raise RequestError(422, [f"url = {mask_url(cam.url)!r}: {exc}"]) from None
     ctx.metrics.camera_changes.labels(action="update" if must_exist else "add", result="ok").inc()
     log.info("camera %s %s from the web view (%s)", cam.id, "updated" if must_exist else "added", mask_url(cam.url))
 

@@ -19,7 +19,9 @@ from services.web.admin import api_camera_add, api_camera_remove, api_camera_upd
 from services.web.auth import AuthMiddleware
 from services.web.context import STREAM_ID, RequestError, WebContext, camera_id, context_of
 from services.web.feed import api_events
+from services.web.guard import HostGuard
 from services.web.views import camera_list, find_frame, frame_jpeg, scrape, stream_lags
+from shared.masking import mask_text
 from shared.schema import EventMsg
 from shared.streams import CONNECTION_ERRORS
 
@@ -55,7 +57,7 @@ def api_cameras(request: Request) -> Response:
 def face_dict(ctx: WebContext, ev: EventMsg) -> dict[str, Any]:
     smoothed = ctx.state.track_emotion(ev.camera, ev.track_id)
     return {"box": ev.box.to_list(), "label": ev.label, "score": round(ev.score, 3), "track_id": ev.track_id,
-            "emotion": smoothed or ev.label}
+            "emotion": smoothed or ev.label, "zones": list(ev.zones)}
 
 
 def api_latest(request: Request) -> Response:
@@ -114,7 +116,7 @@ def readyz(request: Request) -> Response:
     try:
         context_of(request).r.ping()
     except CONNECTION_ERRORS as exc:
-        return PlainTextResponse(f"not ready: Redis: {exc}\n", status_code=503)
+        return PlainTextResponse(mask_text(f"not ready: Redis: {exc}\n"), status_code=503)
     return PlainTextResponse("ready\n")
 
 
@@ -129,7 +131,7 @@ async def _bad_request(request: Request, exc: Exception) -> Response:
 
 async def _redis_down(request: Request, exc: Exception) -> Response:
     context_of(request).metrics.redis_errors.inc()
-    return JSONResponse({"ok": False, "errors": [f"Redis unavailable: {exc}"]}, status_code=503)
+    return JSONResponse({"ok": False, "errors": [mask_text(f"Redis unavailable: {exc}")]}, status_code=503)
 
 
 def make_app(ctx: WebContext) -> Starlette:
@@ -156,4 +158,5 @@ def make_app(ctx: WebContext) -> Starlette:
     app = Starlette(routes=routes, exception_handlers=handlers)
     app.state.ctx = ctx
     app.add_middleware(AuthMiddleware, opts=ctx.opts)
+    app.add_middleware(HostGuard, opts=ctx.opts)  # added last, so it runs first: before auth and every route
     return app

@@ -35,7 +35,8 @@ class AuthMiddleware:
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope["headers"]}
         query_token = parse_qs(scope.get("query_string", b"").decode()).get("token", [""])[0]
         if self.opts.token is not None and query_token and _same(query_token, self.opts.token):
-            await _set_cookie_and_redirect(scope["path"], self.opts.token, send)
+            await _set_cookie_and_redirect(local_path(scope["path"]), self.opts.token, send,
+                                           secure=self.opts.secure_cookie or scope.get("scheme") == "https")
             return
         if self._allowed(headers):
             await self.app(scope, receive, send)
@@ -59,9 +60,15 @@ class AuthMiddleware:
         return False
 
 
-async def _set_cookie_and_redirect(path: str, token: str, send: Send) -> None:
+def local_path(path: str) -> str:
+    """``path`` as a redirect target on this server: ``//evil.example`` or ``/\\evil.example`` would leave it."""
+    return "/" + path.lstrip("/\\")
+
+
+async def _set_cookie_and_redirect(path: str, token: str, send: Send, secure: bool) -> None:
     # The token leaves the address bar at once; the cookie carries it for images and the event feed.
-    cookie = f"{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict"
+    # Over HTTPS it is Secure, so the browser never sends it over plain HTTP to the same name.
+    cookie = f"{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict" + ("; Secure" if secure else "")
     await send({"type": "http.response.start", "status": 303,
                 "headers": [(b"location", path.encode()), (b"set-cookie", cookie.encode()),
                             (b"content-length", b"0")]})

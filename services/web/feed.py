@@ -29,7 +29,8 @@ def parse_filter(request: Request) -> EventFilter:
         raise RequestError(400, [f"min_score must be between 0 and 1, got {min_score}"])
     cams = frozenset(c for c in q.getlist("camera") if c)
     emotions = frozenset(e for e in q.getlist("emotion") if e)
-    return EventFilter(cameras=cams, emotions=emotions, min_score=min_score)
+    zones = frozenset(z for z in q.getlist("zone") if z)
+    return EventFilter(cameras=cams, emotions=emotions, min_score=min_score, zones=zones)
 
 
 def feed_start(ctx: WebContext, request: Request) -> str:

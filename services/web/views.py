@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.web.settings import MetricsEndpoint, WebOptions
 from shared.cameras import CameraRegistry, CameraSettings
+from shared.masking import mask_text
 from shared.schema import FIELD, DecodeError, FrameMsg, decode_frame
 from shared.settings import mask_url
 from shared.streams import Keys, group_stats
@@ -96,7 +97,9 @@ def camera_list(r: Any, keys: Keys, registry: CameraRegistry, static: Sequence[C
     for cid in ids:
         cfg = configured.get(cid)
         entry: dict[str, Any] = {"id": cid, "url": mask_url(cfg.url) if cfg else None,
-                                 "fps": cfg.fps if cfg else None, "loop": cfg.loop if cfg else None}
+                                 "fps": cfg.fps if cfg else None, "loop": cfg.loop if cfg else None,
+                                 "mask": cfg.model_dump()["mask"] if cfg else [],
+                                 "zones": cfg.model_dump()["zones"] if cfg else []}
         entry.update(_state(r, keys, cid, statuses.get(cid)))
         cams.append(entry)
     return {"cameras": cams, "invalid": invalid, "dynamic": dynamic_ingest_alive(r, registry)}
@@ -106,7 +109,7 @@ def _state(r: Any, keys: Keys, camera: str, status: dict[str, Any] | None) -> di
     if status is not None and time.time() - float(status.get("updated", 0)) <= STATUS_FRESH_S:
         return {"state": str(status.get("state", "unknown")), "owner": status.get("owner"),
                 "measured_fps": status.get("fps"), "last_frame_age_s": status.get("last_frame_age_s"),
-                "last_error": mask_url(str(status.get("last_error") or "")) or None}
+                "last_error": mask_text(str(status.get("last_error") or "")) or None}
     newest = find_frame(r, keys, camera)
     age = round(time.time() - newest.capture_ts, 2) if newest else None
     state = "up" if age is not None and age < LIVE_FRAME_S else ("idle" if newest else "no frames")
@@ -136,7 +139,7 @@ def scrape(endpoint: MetricsEndpoint, timeout: float = 1.5) -> ServiceHealth:
         with urllib.request.urlopen(endpoint.url, timeout=timeout) as resp:
             text = resp.read().decode("utf-8", errors="replace")
     except OSError as exc:
-        return ServiceHealth(endpoint.name, False, None, {}, 0.0, f"metrics unreachable: {exc}")
+        return ServiceHealth(endpoint.name, False, None, {}, 0.0, mask_text(f"metrics unreachable: {exc}"))
     beat: float | None = None
     dropped: dict[str, float] = {}
     read = 0.0

@@ -51,6 +51,40 @@ function clock(ts) {
   return new Date(ts * 1000).toLocaleTimeString([], { hour12: false });
 }
 
+// Masks and zones: a polygon whose every coordinate lies in 0..1 is in fractions of the frame
+// (as the services read it), any other in frame pixels.
+function polygonPixels(points, width, height) {
+  const fractions = points.every((p) => p.every((v) => v >= 0 && v <= 1));
+  return fractions ? points.map(([x, y]) => [x * width, y * height]) : points.map(([x, y]) => [x, y]);
+}
+
+const ZONE_COLORS = ["#58a6ff", "#3fb950", "#d29922", "#db61a2", "#a371f7", "#39c5cf", "#f0883e", "#8b949e"];
+
+// SVG shapes of a camera's mask (dark, hatched) and zones (outlined, named) over a frame.
+function geometryShapes(geometry, width, height) {
+  const scale = Math.max(1, width / 640);
+  const shapes = [];
+  (geometry.mask || []).forEach((points, i) => {
+    if (!points || points.length < 2) return;
+    const px = polygonPixels(points, width, height);
+    shapes.push(svgEl("polygon", { class: "mask-area", "data-index": String(i),
+      points: px.map((p) => p.join(",")).join(" "), "stroke-width": 2 * scale }));
+  });
+  (geometry.zones || []).forEach((zone, i) => {
+    if (!zone || !zone.points || zone.points.length < 2) return;
+    const px = polygonPixels(zone.points, width, height);
+    const color = ZONE_COLORS[i % ZONE_COLORS.length];
+    const g = svgEl("g", { class: "zone", "data-zone": zone.name || "" });
+    g.append(svgEl("polygon", { class: "zone-area", points: px.map((p) => p.join(",")).join(" "), stroke: color,
+      fill: color, "stroke-width": 2 * scale }));
+    const top = px.reduce((a, p) => (p[1] < a[1] ? p : a), px[0]);
+    g.append(svgEl("text", { class: "zone-label", x: top[0] + 4 * scale, y: top[1] + 16 * scale, fill: color,
+      "font-size": 14 * scale }, zone.name || "?"));
+    shapes.push(g);
+  });
+  return shapes;
+}
+
 function stateClass(state) { return String(state || "unknown").replace(/\s+/g, "-"); }
 
 // One camera: the newest classified frame with its faces drawn over it, refreshed while on screen.
@@ -75,6 +109,8 @@ class CameraTile {
   }
 
   update(cam) {
+    this.geometry = { mask: cam.mask || [], zones: cam.zones || [] };
+    if (this.shown) this.draw(this.shown.frame, this.shown.faces); // an edited mask or zone shows at once
     this.badge.textContent = cam.state;
     this.badge.className = `badge ${stateClass(cam.state)}`;
     this.root.dataset.state = cam.state;
@@ -131,6 +167,7 @@ class CameraTile {
   }
 
   draw(frame, faces) {
+    this.shown = { frame, faces };
     this.overlay.setAttribute("viewBox", `0 0 ${frame.width} ${frame.height}`);
     this.root.querySelector(".frame").style.aspectRatio = `${frame.width} / ${frame.height}`;
     const scale = Math.max(1, frame.width / 640);
@@ -139,13 +176,13 @@ class CameraTile {
       const color = emotionColor(f.emotion);
       const track = f.track_id === null ? "" : `#${f.track_id} `;
       const g = svgEl("g", { class: "face", "data-label": f.emotion, "data-raw-label": f.label,
-        "data-track": f.track_id === null ? "" : String(f.track_id) });
+        "data-track": f.track_id === null ? "" : String(f.track_id), "data-zones": (f.zones || []).join(" ") });
       g.append(svgEl("rect", { class: "face-box", x, y, width: w, height: h, stroke: color }));
       g.append(svgEl("text", { class: "face-label", x, y: Math.max(16 * scale, y - 6), fill: color,
         "font-size": 16 * scale }, `${track}${f.emotion} ${f.score.toFixed(2)}`));
       return g;
     });
-    this.overlay.replaceChildren(...shapes);
+    this.overlay.replaceChildren(...geometryShapes(this.geometry || {}, frame.width, frame.height), ...shapes);
   }
 }
 

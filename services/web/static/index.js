@@ -56,6 +56,8 @@ function feedUrl() {
   if (cam) params.append("camera", cam);
   if (emo) params.append("emotion", emo);
   if (min && Number(min) > 0) params.append("min_score", min);
+  const zone = document.getElementById("filter-zone").value.trim();
+  if (zone) params.append("zone", zone);
   return `/api/events?${params}`;
 }
 
@@ -76,7 +78,8 @@ function addFeedItem(ev) {
   if (feed.seen.has(ev.stream_id)) return;
   feed.seen.add(ev.stream_id);
   const list = document.getElementById("feed");
-  const item = el("li", { class: "feed-item", "data-id": ev.stream_id, "data-label": ev.label, "data-camera": ev.camera },
+  const item = el("li", { class: "feed-item", "data-id": ev.stream_id, "data-label": ev.label, "data-camera": ev.camera,
+    "data-zones": (ev.zones || []).join(" ") },
     el("span", { text: clock(ev.capture_ts) }),
     el("span", { text: ev.camera }),
     el("span", {}, el("span", { class: "swatch", style: `background:${emotionColor(ev.label)}` }), ev.label),
@@ -194,7 +197,7 @@ async function init() {
   }
   const emotion = document.getElementById("filter-emotion");
   for (const e of EMOTIONS) emotion.append(el("option", { value: e, text: e }));
-  for (const id of ["filter-camera", "filter-emotion", "filter-min-score"]) {
+  for (const id of ["filter-camera", "filter-emotion", "filter-min-score", "filter-zone"]) {
     document.getElementById(id).addEventListener("change", openFeed);
   }
   setupAdmin();
