@@ -5,7 +5,7 @@ cluster slot) and a sorted set of member heartbeats (``<prefix>:<name>-members``
 holds at most its fair share of the items (:func:`fair_share`), renews its leases more often
 than they lapse, and a dead member's items are taken over once its leases lapse.
 
-Each item also has an epoch key (``<prefix>-epoch:{item}``, same slot) that changes only when the
+Each item also has an epoch key (``<prefix>:epoch:{item}``, same slot, under the lease keys' name) that changes only when the
 lease changes hands, never on a renewal: a writer can WATCH it (or read it in a script) to fence
 off a stale owner while its own lease keeps being renewed. :class:`LeaseKeeper` renews from a
 thread, so a long piece of work never outlives its lease by accident.
@@ -71,7 +71,7 @@ class LeasePool:
 
     def epoch_key(self, item: str) -> str:
         """Changes whenever the item's lease is taken (not when it is renewed); same slot as the lease."""
-        return f"{self.lease_prefix}-epoch:{{{item}}}"
+        return f"{self.lease_prefix}:epoch:{{{item}}}"
 
     def hold(self, item: str, owner: str, lease_s: float) -> bool:
         """Take or renew the item's lease; False when another member holds it."""
