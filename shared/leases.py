@@ -5,10 +5,11 @@ cluster slot) and a sorted set of member heartbeats (``<prefix>:<name>-members``
 holds at most its fair share of the items (:func:`fair_share`), renews its leases more often
 than they lapse, and a dead member's items are taken over once its leases lapse.
 
-Each item also has an epoch key (``<prefix>:epoch:{item}``, same slot, under the lease keys' name) that changes only when the
-lease changes hands, never on a renewal: a writer can WATCH it (or read it in a script) to fence
-off a stale owner while its own lease keeps being renewed. :class:`LeaseKeeper` renews from a
-thread, so a long piece of work never outlives its lease by accident.
+Each item also has an epoch key (``<prefix>:epoch:{item}``: same slot, under the lease keys' name)
+that changes only when the lease changes hands, never on a renewal: a writer can WATCH it (or
+read it in a script) to fence off a stale owner while its own lease keeps being renewed.
+:class:`LeaseKeeper` renews from a thread, so a long piece of work never outlives its lease by
+accident.
 """
 
 from __future__ import annotations
