@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from shared.cameras import CameraRegistry, CameraSettings, SourcePolicyView
 from shared.console import add_filter_args, make_filter, print_event
-from shared.events import EventReader, TrackReader
+from shared.events import CLAIM_IDLE_MS, EventReader, TrackReader
 from shared.masking import mask_text, restore_secrets
 from shared.schema import EventMsg, TrackEventMsg
 from shared.settings import ConfigError, RedisSettings, ServiceSettings, format_errors, load, mask_url
@@ -56,8 +56,11 @@ def events_main(argv: list[str]) -> int:
                         "starts, and an existing group is moved there")
     p.add_argument("--group", default=None, help="read through this consumer group (shared work, resumable; each "
                    "event is acked after it is printed)")
-    p.add_argument("--consumer", default=None, help="consumer name in the group (default: HOST-events); a restart "
-                   "under the same name first prints what it had received but not finished")
+    p.add_argument("--consumer", default=None, help="consumer name in the group (default: unique per run, "
+                   "HOST-PID-RANDOM); a restart under the same name first prints what it had read but not printed")
+    p.add_argument("--claim-idle-ms", type=int, default=CLAIM_IDLE_MS,
+                   help="with --group: take over events other consumers left pending this long (default: "
+                        "%(default)s); longer than this consumer ever needs to print one read's events")
     p.add_argument("--count", type=int, default=0, help="exit after this many events (0 = run until Ctrl-C)")
     p.add_argument("--tracks", action="store_true",
                    help="print track events (started / changed / ended) instead of per-frame events")
@@ -72,7 +75,8 @@ def events_main(argv: list[str]) -> int:
         print("\n".join(exc.lines), file=sys.stderr)
         return 2
     options = {"keys": Keys(cfg.prefix), "start": args.start or "now", "filt": make_filter(args),
-               "group": args.group, "consumer": args.consumer, "reposition": args.start is not None}
+               "group": args.group, "consumer": args.consumer, "reposition": args.start is not None,
+               "claim_idle_ms": args.claim_idle_ms}
     try:
         r = connect(cfg)
         reader: EventReader | TrackReader = TrackReader(r, **options) if args.tracks else EventReader(r, **options)
@@ -89,23 +93,20 @@ def _print_loop(reader: EventReader | TrackReader, as_json: bool, count: int) ->
     ``--count`` or Ctrl-C the rest of the last read stays pending for this consumer's next run.
     """
     seen = 0
-    received: list[str] = []
     try:
         while count <= 0 or seen < count:
-            batch = reader.read_positioned()
-            received = [i for i in reader._unacked if i not in {p.id for p in batch}]  # undecodable
-            for item in batch:
-                if _wanted(reader, item.msg):
+            for item in reader.read_batch():
+                if item.msg is not None and _wanted(reader, item.msg):
                     print_event(item.msg, as_json)
                     seen += 1
-                received.append(item.id)
+                reader.finish(item.id)
                 if 0 < count <= seen:
                     break
     except KeyboardInterrupt:
         pass
-    # If Redis is down, unacked entries stay pending and this consumer's next run prints them.
+    # If Redis is down, unacked entries stay pending and come again.
     with contextlib.suppress(*TRANSIENT_ERRORS):
-        reader.ack(received)
+        reader.ack()
     return 0
 
 

@@ -10,11 +10,15 @@
 
 Events are read from the durable events stream (``start``: ``"now"``, ``"start"`` or a stream
 id), so a consumer can replay. With ``group=`` it reads through a consumer group: several
-consumers share the work, and each entry is acked only once the caller has received it (on
-the next read, or as :func:`subscribe` moves past it). A consumer that restarts under the same
-name first reads its own pending entries again, so nothing it had not received is lost; it
-may see the last few events twice (same ``event_id``). ``start`` places a new group; with
-``reposition=True`` it also moves an existing one.
+consumers share the work, and an entry is acked only once the caller has finished it: for
+:func:`subscribe`, when the caller asks for the next event (an exception in the caller's loop
+leaves that event pending); for :meth:`~_StreamReader.read`, on the next read. Delivery is
+at least once: de-duplicate by ``event_id``. A consumer's unfinished entries come back to it on
+its next read, or, once it is gone, to another consumer of the group after ``claim_idle_ms``
+(default 30 s; raise it if handling one read's events can take longer). The default consumer
+name is unique per process; give a stable ``consumer=`` to resume a consumer's own pending
+entries at once after a restart. ``start`` places a new group; with ``reposition=True`` it also
+moves an existing one.
 
 Redis outages do not end a reader: a failed read waits (capped exponential backoff) and
 returns nothing, and the next read resumes after the last entry received, or through the group.
@@ -24,6 +28,8 @@ Undecodable entries are skipped and counted on ``skipped``.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import socket
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -48,9 +54,11 @@ log = logging.getLogger(__name__)
 M = TypeVar("M")
 
 READ_COUNT = 256
-# Entries a dead consumer of the group left pending this long are taken over.
+# Entries a consumer of the group left pending this long are taken over (by default).
 CLAIM_IDLE_MS = 30_000
 CLAIM_EVERY_S = 10.0
+# subscribe() acks what its caller finished at least this often (in entries).
+ACK_EVERY = 32
 
 
 @dataclass(frozen=True)
@@ -89,9 +97,23 @@ class Positioned(Generic[M]):
     msg: M
 
 
+@dataclass(frozen=True)
+class Read(Generic[M]):
+    """One entry as read: its id and message, ``msg`` None when it could not be decoded (skipped)."""
+
+    id: str
+    msg: M | None
+
+
+_PROCESS_CONSUMER: dict[int, str] = {}
+
+
 def default_consumer() -> str:
-    """Stable across restarts on one host, so a restarted consumer finds its own pending entries."""
-    return f"{socket.gethostname()}-events"
+    """Unique per process (host, pid, random): two consumers on one host never share pending entries."""
+    pid = os.getpid()
+    if pid not in _PROCESS_CONSUMER:  # keyed by pid: a forked child gets its own
+        _PROCESS_CONSUMER[pid] = f"{socket.gethostname()}-{pid}-{secrets.token_hex(3)}"
+    return _PROCESS_CONSUMER[pid]
 
 
 def group_start(start: str) -> str:
@@ -101,18 +123,23 @@ def group_start(start: str) -> str:
 class _StreamReader(Generic[M]):
     """Reads one stream from a position or through a consumer group; decodes, skips and counts bad entries.
 
-    In group mode the ids handed to the caller are acked at the start of the next read (or by
-    :meth:`ack`); entries that failed to decode or were filtered out are acked with them.
+    In group mode an entry is acked once the caller has finished it (:meth:`finish`; every
+    entry :meth:`read` returns counts as finished at the next read or :meth:`ack`). Entries read
+    and not finished are read again from this consumer's pending list on the next read.
     """
 
     def __init__(self, r: redis.Redis, stream: str, decode: Callable[[bytes], M], start: str, group: str | None,
-                 consumer: str | None, block_ms: int, reposition: bool = False) -> None:
+                 consumer: str | None, block_ms: int, reposition: bool = False,
+                 claim_idle_ms: int = CLAIM_IDLE_MS) -> None:
+        if claim_idle_ms < 1:
+            raise ValueError(f"claim_idle_ms must be at least 1, got {claim_idle_ms}")
         self.r = r
         self.stream = stream
         self.decode = decode
         self.group = group
         self.consumer = consumer or default_consumer()
         self.block_ms = block_ms
+        self.claim_idle_ms = claim_idle_ms
         self.skipped = 0
         self.reconnects = 0
         self.lost = 0  # group mode: events trimmed away before this group got them (logged)
@@ -122,7 +149,8 @@ class _StreamReader(Generic[M]):
         self._reposition = reposition
         self._group_ready = False
         self._own_pending: str | None = "0"  # group mode: re-read our own pending entries first
-        self._unacked: list[str] = []
+        self._open: list[str] = []  # read, handed out or about to be, not finished
+        self._finished: list[str] = []  # finished by the caller, not acked yet
         self._backoff = Backoff(0.2, 5.0)
         self._last_claim = 0.0
         if group:
@@ -136,26 +164,63 @@ class _StreamReader(Generic[M]):
 
         An empty list may also mean Redis is unavailable: the call has then waited a backoff delay.
         """
+        batch = self.read_batch()
+        for item in batch:
+            self.finish(item.id)  # all handed out at once: finished when the caller reads again
+        return [Positioned(item.id, item.msg) for item in batch if item.msg is not None]
+
+    def read_batch(self) -> list[Read[M]]:
+        """One read, nothing marked finished: the caller calls :meth:`finish` on each entry it is done with."""
         entries = self._with_retry(self._fetch) or []
-        out: list[Positioned[M]] = []
+        out: list[Read[M]] = []
         for entry in entries:
             try:
-                out.append(Positioned(entry.id, self.decode(entry.payload or b"")))
+                out.append(Read(entry.id, self.decode(entry.payload or b"")))
             except DecodeError as exc:
                 self.skipped += 1
                 log.warning("skipping %s entry %s: %s", self.stream, entry.id, exc)
+                out.append(Read(entry.id, None))
         if self.group:
-            self._unacked += [e.id for e in entries]
+            self._open = [e.id for e in entries]
         return out
 
+    def finish(self, entry_id: str) -> None:
+        """The caller is done with this entry (handled, filtered out or undecodable): ack it with the next ack."""
+        if self.group and entry_id in self._open:
+            self._open.remove(entry_id)
+            self._finished.append(entry_id)
+
     def ack(self, ids: list[str] | None = None) -> None:
-        """Ack entries the caller has received (default: everything handed out so far)."""
+        """Ack finished entries (default: all of them); never an entry the caller has not finished."""
         if not self.group:
             return
-        done = self._unacked if ids is None else [i for i in self._unacked if i in set(ids)]
+        wanted = None if ids is None else set(ids)
+        done = [i for i in self._finished if wanted is None or i in wanted]
         if done:
             self.r.xack(self.stream, self.group, *done)
-            self._unacked = [i for i in self._unacked if i not in set(done)]
+            acked = set(done)
+            self._finished = [i for i in self._finished if i not in acked]
+
+    def iterate(self, wanted: Callable[[M], bool], stop: Callable[[], bool] | None = None) -> Iterator[M]:
+        """Messages one at a time; each is finished when the caller asks for the next one.
+
+        If the caller's loop raises (or it stops early), the message it was on and the rest of
+        the read stay pending: they come again.
+        """
+        while stop is None or not stop():
+            for item in self.read_batch():
+                if item.msg is not None and wanted(item.msg):
+                    yield item.msg
+                self.finish(item.id)
+                if len(self._finished) >= ACK_EVERY:
+                    self.ack_quietly()
+
+    def ack_quietly(self) -> None:
+        """Ack what was finished; if Redis is down the entries stay pending and come again."""
+        try:
+            self.ack()
+        except TRANSIENT_ERRORS as exc:
+            log.warning("events: ack failed (%s); those events may be delivered again", exc)
 
     def _with_retry(self, fn: Callable[[], Any]) -> Any:
         try:
@@ -198,7 +263,10 @@ class _StreamReader(Generic[M]):
             return entries
         if not self._group_ready:
             self._ensure_group()
-        self.ack()  # the caller has received what the previous read handed out
+        self.ack()
+        if self._open:  # read but never finished (the caller stopped, or raised): read them again
+            self._open = []
+            self._own_pending = "0"
         self._maybe_claim()
         if self._own_pending is not None:
             reply = self.r.xreadgroup(self.group, self.consumer, {self.stream: self._own_pending}, count=READ_COUNT)
@@ -224,7 +292,8 @@ class _StreamReader(Generic[M]):
         self._reposition = False  # only once: a re-created group (Redis lost data) starts where asked
         self._group_ready = True
         self._own_pending = "0"
-        self._unacked = []
+        self._open = []
+        self._finished = []
 
     def _count_trimmed(self) -> None:
         """Events the stream's MAXLEN trimmed before this group read them (Redis >= 7 can tell)."""
@@ -244,7 +313,7 @@ class _StreamReader(Generic[M]):
         self._last_claim = now
         assert self.group is not None
         self._count_trimmed()
-        claimed = autoclaim(self.r, self.stream, self.group, self.consumer, CLAIM_IDLE_MS, count=READ_COUNT)
+        claimed = autoclaim(self.r, self.stream, self.group, self.consumer, self.claim_idle_ms, count=READ_COUNT)
         if claimed.deleted:
             self.lost += len(claimed.deleted)
             log.warning("%d events pending in group %s were trimmed (MAXLEN) before anyone acked them",
@@ -260,8 +329,9 @@ class EventReader(_StreamReader[EventMsg]):
 
     def __init__(self, r: redis.Redis, keys: Keys | None = None, start: str = "now",
                  filt: EventFilter | None = None, group: str | None = None, consumer: str | None = None,
-                 block_ms: int = 500, reposition: bool = False) -> None:
-        super().__init__(r, (keys or Keys()).events, decode_event, start, group, consumer, block_ms, reposition)
+                 block_ms: int = 500, reposition: bool = False, claim_idle_ms: int = CLAIM_IDLE_MS) -> None:
+        super().__init__(r, (keys or Keys()).events, decode_event, start, group, consumer, block_ms, reposition,
+                         claim_idle_ms)
         self.filt = filt or EventFilter()
 
     def poll(self) -> list[EventMsg]:
@@ -273,8 +343,7 @@ class EventReader(_StreamReader[EventMsg]):
         return [p for p in self.read_positioned() if self.filt.matches(p.msg)]
 
     def __iter__(self) -> Iterator[EventMsg]:
-        while True:
-            yield from self.poll()
+        return self.iterate(self.filt.matches)
 
 
 class TrackReader(_StreamReader[TrackEventMsg]):
@@ -282,8 +351,10 @@ class TrackReader(_StreamReader[TrackEventMsg]):
 
     def __init__(self, r: redis.Redis, keys: Keys | None = None, start: str = "now",
                  cameras: frozenset[str] = frozenset(), group: str | None = None, consumer: str | None = None,
-                 block_ms: int = 500, filt: EventFilter | None = None, reposition: bool = False) -> None:
-        super().__init__(r, (keys or Keys()).tracks, decode_track, start, group, consumer, block_ms, reposition)
+                 block_ms: int = 500, filt: EventFilter | None = None, reposition: bool = False,
+                 claim_idle_ms: int = CLAIM_IDLE_MS) -> None:
+        super().__init__(r, (keys or Keys()).tracks, decode_track, start, group, consumer, block_ms, reposition,
+                         claim_idle_ms)
         self.filt = filt or EventFilter(cameras=cameras)
 
     def poll(self) -> list[TrackEventMsg]:
@@ -292,37 +363,16 @@ class TrackReader(_StreamReader[TrackEventMsg]):
 
 def subscribe(r: redis.Redis, start: str = "now", filt: EventFilter | None = None, keys: Keys | None = None,
               group: str | None = None, stop: Callable[[], bool] | None = None,
-              consumer: str | None = None) -> Generator[EventMsg, None, None]:
+              consumer: str | None = None, claim_idle_ms: int = CLAIM_IDLE_MS) -> Generator[EventMsg, None, None]:
     """Iterate events until ``stop()`` returns true (forever when not given).
 
-    With ``group``, each event is acked once the caller asks for the next one (or closes the
-    iterator), never before it was handed over.
+    With ``group``, an event is acked after the caller asks for the next one. The event the
+    caller was on when the iterator closed (an exception in its loop, a ``break``) is not acked:
+    it comes again. At least once: de-duplicate by ``event_id``.
     """
-    reader = EventReader(r, keys=keys, start=start, filt=filt, group=group, consumer=consumer)
-    handed: list[str] = []
+    reader = EventReader(r, keys=keys, start=start, filt=filt, group=group, consumer=consumer,
+                         claim_idle_ms=claim_idle_ms)
     try:
-        while stop is None or not stop():
-            batch = reader.read_positioned()
-            skipped = [i for i in reader._unacked if i not in {p.id for p in batch}]
-            handed += skipped
-            for item in batch:
-                handed.append(item.id)
-                if reader.filt.matches(item.msg):
-                    yield item.msg
-                if len(handed) >= 32:
-                    _ack_quietly(reader, handed)
-                    handed = []
-            _ack_quietly(reader, handed)
-            handed = []
+        yield from reader.iterate(reader.filt.matches, stop)
     finally:
-        _ack_quietly(reader, handed)
-
-
-def _ack_quietly(reader: _StreamReader[Any], ids: list[str]) -> None:
-    """Ack what the caller received; if Redis is down the entries stay pending and come again."""
-    if not ids:
-        return
-    try:
-        reader.ack(ids)
-    except TRANSIENT_ERRORS as exc:
-        log.warning("events: ack failed (%s); those events may be delivered again", exc)
+        reader.ack_quietly()

@@ -35,7 +35,11 @@ HEADER = """\
 # a little behind may not. A camera's frames are handled by one detect worker at a time
 # (leases, in capture order), so maxReplicaCount is the camera count.
 # classify: every face goes through the one stream <prefix>:{faces}; one replica is expected
-# to keep up while fewer than a batch (classify.max_batch) wait.
+# to keep up while fewer than a batch (classify.max_batch) wait. With tracking on (the
+# default) a camera's tracks live in the classify process that sees its faces, and replicas
+# sharing the stream would split each camera's faces between trackers (broken tracks, ids
+# changing): one replica is the tracker scope, so maxReplicaCount is 1. With tracking off,
+# classify replicas share the stream freely.
 # Each trigger logs in to Redis as the Deployment it scales (ES_REDIS__USERNAME / ES_REDIS__PASSWORD
 # of its container, from Secret es-redis-detect or es-redis-classify): those users may read
 # their streams' consumer groups (deploy/redis/users.acl).
@@ -89,8 +93,17 @@ def scaled_objects(config: dict[str, Any], detect_lag: int = 20, classify_lag: i
     classify_group = str((config.get("classify") or {}).get("group", "classify"))
     detect = _scaled("detect", min(min_detect, len(cameras)), len(cameras), 120,
                      [_trigger(keys.frames(c), detect_group, detect_lag) for c in cameras])
-    classify = _scaled("classify", 1, max_classify, 300, [_trigger(keys.faces, classify_group, classify_lag)])
+    classify = _scaled("classify", 1, classify_replicas(config, max_classify), 300,
+                       [_trigger(keys.faces, classify_group, classify_lag)])
     return [detect, classify]
+
+
+def classify_replicas(config: dict[str, Any], most: int) -> int:
+    """One replica per tracker scope: all cameras' tracks live in one classify process while tracking is on."""
+    tracking = config.get("tracking") or {}
+    if not isinstance(tracking, dict):
+        raise ValueError(f"tracking = {tracking!r}: expected a mapping")
+    return 1 if tracking.get("enabled", True) else most
 
 
 def render(config: dict[str, Any]) -> str:

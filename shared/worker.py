@@ -332,7 +332,7 @@ class StreamWorker(ABC):
         limit = self.settings.streams.max_deliveries
         poison = [e for e in entries if counts.get(e.id, 0) > limit]
         if poison:
-            pipe = self.pipeline()
+            pipe = self.slot_pipeline()
             for e in poison:
                 self.dead_letter(pipe, e, "max_deliveries", f"delivered {counts[e.id]} times")
             try:
@@ -357,11 +357,17 @@ class StreamWorker(ABC):
         """
         return self.r.pipeline(transaction=not self._clustered)
 
-    def dead_letter(self, pipe: Any, entry: Entry, reason: str, detail: str) -> None:
-        """Queue a dead letter + ack on ``pipe`` and count it."""
+    def slot_pipeline(self) -> Any:
+        """MULTI/EXEC even on a cluster, for writes to one slot (a stream and its dead letters):
+        a refused dead letter must not let its ack through."""
+        return self.r.pipeline(transaction=True)
+
+    def dead_letter(self, pipe: Any, entry: Entry, reason: str, detail: str, ack: bool = True) -> None:
+        """Queue a dead letter (+ its ack, unless the caller acks after its outputs) on ``pipe`` and count it."""
         log.warning("dead letter from %s %s: %s (%s)", entry.stream, entry.id, reason, detail)
         dead_letter(pipe, self.keys, self.settings.streams, entry, reason, detail, self.service)
-        pipe.xack(entry.stream, self.group, entry.id)
+        if ack:
+            pipe.xack(entry.stream, self.group, entry.id)
         self.common.dead_letters.labels(stream=entry.stream, reason=reason).inc()
 
 

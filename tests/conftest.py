@@ -38,6 +38,9 @@ def model_bundle() -> Path:
 
 @pytest.fixture
 def fer_dir() -> Path:
+    """FER2013 beside the repository; skips without it, except where ES_TEST_REQUIRE_FER=1 (CI has it)."""
     if not (FER_DIR / "publictest.npz").exists():
+        if os.environ.get("ES_TEST_REQUIRE_FER") == "1":
+            pytest.fail(f"FER2013 data not found at {FER_DIR}, and ES_TEST_REQUIRE_FER=1 says it must be there")
         pytest.skip(f"FER2013 data not found at {FER_DIR}")
     return FER_DIR

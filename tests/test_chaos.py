@@ -5,10 +5,13 @@ Two cameras (a looping file and a live MJPEG camera), ingest, two detect workers
 an ``emotion-stream events --group`` consumer run as processes. A seeded random schedule kills
 each kind of process with SIGKILL (and starts it again), restarts Redis with its data kept
 (AOF, fsync always) and takes the live camera away for a few seconds. After each step the
-test waits for new events, so every step must be recovered from. At the end the ledger
-reconciles: every frame in the frame streams (each one ingest published) is an event the
-consumer printed, a frame without a face, or a dead letter with its reason; none is missing.
-Events seen twice carry the same id and the same answer.
+test waits for new events, so every step must be recovered from. Detect and classify are
+killed while they hold read, unacked entries (frozen until XPENDING shows some), and each step
+checks that those entries were taken over (``es_reclaimed_total`` of the processes that
+remain) and acked. At the end the ledger reconciles: every frame in the frame streams (each
+one ingest published) is an event the consumer printed or a frame without a face; a dead
+letter (none is expected here) is a problem, whatever its reason; none is missing. Events seen
+twice carry the same id and the same answer.
 """
 
 from __future__ import annotations
@@ -122,20 +125,77 @@ class Chaos:
 
     def kill(self, role: str) -> None:
         if role == "ingest":
-            self.ingest_runs.append(ingest_counts(self.ports["ingest"]))  # its counters die with it
+            try:
+                self.ingest_runs.append(ingest_counts(self.ports["ingest"]))  # its counters die with it
+            except OSError:
+                self.ingest_runs.append(None)  # not serving metrics yet: what it read is unknown
         if role == "consumer":
             self.consumer.kill()
         else:
             self.procs[role].proc.kill()
             self.procs[role].proc.wait()
 
-    def restart(self, role: str, rng: random.Random) -> None:
+    def restart(self, role: str, rng: random.Random) -> Takeover | None:
+        takeover = None
+        if role.startswith(("detect", "classify")):
+            held = self.freeze_holding(role)
+            takeover = Takeover(role, held, self.reclaimed(role, exclude=role))
         self.kill(role)
         time.sleep(rng.uniform(0.5, 2.0))
         if role == "consumer":
             self.consumer.start()
         else:
             self.spawn(role)
+        return takeover
+
+    def held_by(self, role: str) -> list[tuple[str, str]]:
+        """(stream, id) of the entries ``role`` read and has not acked (its consumer name is its role)."""
+        r = self.redis.client()
+        group, streams = worker_streams(role)
+        out = []
+        for stream in streams:
+            if r.exists(stream):
+                out += [(stream, p["message_id"].decode())
+                        for p in r.xpending_range(stream, group, "-", "+", 1000, consumername=role)]
+        return out
+
+    def freeze_holding(self, role: str) -> list[tuple[str, str]]:
+        """SIGSTOP ``role`` at a moment it holds read, unacked entries; the kill then hits work in flight."""
+        proc = self.procs[role].proc
+        deadline = time.monotonic() + 60
+        while True:
+            proc.send_signal(signal.SIGSTOP)
+            held = self.held_by(role)
+            if held:
+                return held
+            proc.send_signal(signal.SIGCONT)
+            assert time.monotonic() < deadline, f"{role} never held an entry in 60 s"
+            time.sleep(0.003)
+
+    def reclaimed(self, kind: str, exclude: str | None = None) -> float:
+        """es_reclaimed_total over the live processes of a kind (detect or classify); a failed scrape retries."""
+        kind = kind.split("-")[0]
+        total = 0.0
+        for role in [r for r in self.procs if r.startswith(kind) and r != exclude]:
+            samples = wait_for(lambda role=role: _scrape_or_none(self.ports[role]), 60, interval=0.2,
+                               what=f"{role}'s metrics")
+            total += sum(value for _, value in samples.get("es_reclaimed_total", []))
+        return total
+
+    def check_takeover(self, takeover: Takeover) -> None:
+        """The killed worker's entries were taken over by the processes now running, and acked."""
+        r = self.redis.client()
+        group, _ = worker_streams(takeover.role)
+
+        def acked() -> bool:
+            return not any(r.xpending_range(stream, group, entry_id, entry_id, 1)
+                           for stream, entry_id in takeover.held)
+
+        wait_for(acked, 90, interval=0.2, what=f"the entries {takeover.role} held acked")
+        gained = self.reclaimed(takeover.role) - takeover.reclaimed_before
+        assert gained >= len(takeover.held), (
+            f"{takeover.role} was killed holding {len(takeover.held)} entries; only {gained:.0f} were reclaimed")
+        self.log[-1] += f" holding {len(takeover.held)} (reclaimed {gained:.0f})"
 
     def restart_redis(self) -> None:
         self.redis.stop()  # SIGKILL: what the AOF (fsync always) holds is what survives
@@ -149,13 +209,34 @@ class Chaos:
         self.camera = MjpegServer(self.camera_frames, fps=2 * FPS, port=port).start()
 
     camera_frames: list[np.ndarray] = field(default_factory=list)
-    ingest_runs: list[Counter[str]] = field(default_factory=list)
+    ingest_runs: list[Counter[str] | None] = field(default_factory=list)
 
     def event_count(self) -> int:
         try:
             return int(self.redis.client().xlen(KEYS.events))
         except Exception:  # Redis still loading its AOF
             return -1
+
+
+@dataclass(frozen=True)
+class Takeover:
+    role: str
+    held: list[tuple[str, str]]  # (stream, id) read and unacked when the process was killed
+    reclaimed_before: float  # es_reclaimed_total of the other processes of its kind
+
+
+def worker_streams(role: str) -> tuple[str, list[str]]:
+    """The consumer group and streams a detect or classify process reads."""
+    if role.startswith("detect"):
+        return "detect", [KEYS.frames(c) for c in CAMERAS]
+    return "classify", [KEYS.faces]
+
+
+def _scrape_or_none(port: int) -> dict[str, list[tuple[dict[str, str], float]]] | None:
+    try:
+        return scrape(port)
+    except OSError:
+        return None
 
 
 def frames_of(server: RedisServer, camera: str) -> list[tuple[str, int, np.ndarray]]:
@@ -212,7 +293,10 @@ def reconcile(chaos: Chaos) -> tuple[dict[str, Counter[str]], list[str]]:
                 counts["event(s) seen by the consumer"] += 1
                 counts["events"] += frames_with_events[(camera, seq)]
             elif (camera, seq) in dead:
+                # Every frame here is valid and no entry is delivered max_deliveries times:
+                # whatever the reason, a dead letter means something was lost on the way.
                 counts[f"dead letter: {dead[(camera, seq)]}"] += 1
+                problems.append(f"{camera} frame {seq}: dead-lettered ({dead[(camera, seq)]})")
             elif not detect_and_crop(detector, image, 0.1):
                 counts["no face in the frame"] += 1
             else:
@@ -233,6 +317,9 @@ def print_ledger(chaos: Chaos, ledger: dict[str, Counter[str]], duplicates: int)
     print(f"  consumer: {len(chaos.consumer.events())} events printed over {chaos.consumer.starts} runs, "
           f"{duplicates} printed again after a crash (same event id)")
     for run, counts in enumerate(chaos.ingest_runs):
+        if counts is None:
+            print(f"  ingest run {run + 1}: killed before it served metrics (not counted)")
+            continue
         drops = ", ".join(f"{k.removeprefix('dropped ')} {v:.0f}" for k, v in sorted(counts.items())
                           if k.startswith("dropped "))
         print(f"  ingest run {run + 1}: {counts['read']:.0f} frames read, {counts['published']:.0f} published, "
@@ -240,12 +327,9 @@ def print_ledger(chaos: Chaos, ledger: dict[str, Counter[str]], duplicates: int)
 
 
 def ingest_counts(port: int) -> Counter[str]:
-    """What one ingest process read, published and dropped (by reason), from its /metrics."""
+    """What one ingest process read, published and dropped (by reason), from its /metrics (OSError if down)."""
     counts: Counter[str] = Counter()
-    try:
-        samples = scrape(port)
-    except OSError:
-        return counts  # not up yet: it read nothing
+    samples = scrape(port)
     for _, value in samples.get("es_frames_read_total", []):
         counts["read"] += value
     for _, value in samples.get("es_frames_published_total", []):
@@ -253,6 +337,13 @@ def ingest_counts(port: int) -> Counter[str]:
     for labels, value in samples.get("es_frames_dropped_total", []):
         counts[f"dropped {labels['reason']}"] += value
     return counts
+
+
+def _counts_or_none(port: int) -> Counter[str] | None:
+    try:
+        return ingest_counts(port)
+    except OSError:
+        return None
 
 
 def test_chaos_every_published_frame_is_accounted_for(tmp_path: Path, model_bundle: Path) -> None:
@@ -271,7 +362,7 @@ def test_chaos_every_published_frame_is_accounted_for(tmp_path: Path, model_bund
             chaos.spawn(role)
         chaos.consumer.start()
         wait_for(lambda: chaos.event_count() >= 10, 120, interval=0.2, what="first events")
-        steps: list[tuple[str, Callable[[], None]]] = [
+        steps: list[tuple[str, Callable[[], Takeover | None]]] = [
             *[(f"kill -9 {role}", lambda role=role: chaos.restart(role, rng)) for role in [*roles, "consumer"]],
             ("restart Redis", chaos.restart_redis),
             ("camera 'live' gone for 3 s", chaos.drop_camera),
@@ -280,11 +371,13 @@ def test_chaos_every_published_frame_is_accounted_for(tmp_path: Path, model_bund
         for name, step in steps:
             time.sleep(rng.uniform(2.0, 5.0))
             before = max(chaos.event_count(), 0)
-            step()
+            takeover = step()
             chaos.log.append(name)
             wait_for(lambda before=before: chaos.event_count() >= before + 8, 90, interval=0.2,
                      what=f"events flowing again after: {name}")
-        last = ingest_counts(chaos.ports["ingest"])
+            if takeover is not None:
+                chaos.check_takeover(takeover)
+        last = wait_for(lambda: _counts_or_none(chaos.ports["ingest"]), 30, interval=0.2, what="ingest's metrics")
         chaos.procs["ingest"].stop()
         wait_for(lambda: all(group_idle(redis, KEYS.frames(c), "detect", missing_is_idle=True) for c in CAMERAS)
                  and group_idle(redis, KEYS.faces, "classify", missing_is_idle=True)

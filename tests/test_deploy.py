@@ -439,6 +439,22 @@ def test_a_camera_added_to_the_settings_gets_its_detect_trigger(tmp_path: Path) 
     assert "es:frames:{garage}" in streams and detect["spec"]["maxReplicaCount"] == len(config["cameras"])
 
 
+def test_classify_stays_one_replica_while_it_tracks_and_scales_without_tracking(tmp_path: Path) -> None:
+    """All of a camera's faces must reach one tracker: with tracking on (the default, and in the
+    k8s settings) KEDA keeps classify at one replica and a rollout never runs two side by side."""
+    docs = base_docs()
+    config, _ = k8s_config(docs)
+    assert (config.get("tracking") or {}).get("enabled", True), "the k8s settings track faces"
+    assert find(docs, "ScaledObject", "classify")["spec"]["maxReplicaCount"] == 1
+    assert find(docs, "Deployment", "classify")["spec"]["strategy"] == {"type": "Recreate"}
+    config["tracking"] = {"enabled": False}
+    settings = tmp_path / "config.yaml"
+    settings.write_text(yaml.safe_dump(config))
+    written = tmp_path / "keda.yaml"
+    assert keda_command("--config", str(settings), "--out", str(written)).returncode == 0
+    assert find(yaml_docs(written.read_text()), "ScaledObject", "classify")["spec"]["maxReplicaCount"] > 1
+
+
 def test_keda_without_cameras_is_a_clear_error(tmp_path: Path) -> None:
     settings = tmp_path / "config.yaml"
     settings.write_text("redis:\n  prefix: es\n")

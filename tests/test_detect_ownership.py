@@ -283,6 +283,10 @@ def test_a_worker_paused_past_its_lease_writes_nothing_for_the_camera_taken_from
         publisher.publish(camera, 4)
         wait_for(lambda: all_processed(r, (camera,)), 40, what="the last frames acked")
         seqs = faces_by_camera(r, (camera,))[camera]
+        # The stalled worker's writes were refused by the fence, and counted.
+        assert metric(ports[stalled], "es_detect_lease_conflicts_total") >= 1
+        assert metric(ports[stalled], "es_detect_refused_writes_total", reason="lease_lost") >= 1
+        assert metric_or(ports[other], "es_detect_lease_conflicts_total", 0.0) == 0
     twice = sorted({s for s in seqs if seqs.count(s) > 1})
     assert seqs == list(range(publisher.sent[camera])), (
         f"{stalled} was paused holding {holding} frames; frames written twice: {twice}; "
@@ -339,9 +343,92 @@ def test_a_connection_lost_mid_batch_is_an_outage_not_a_lost_lease(redis_server:
             return pipe
 
         worker.pipeline = pipe_breaking_after_watch  # type: ignore[method-assign]
-    with pytest.raises(redis.ConnectionError):
-        worker.handle(entries)
+    try:
+        with pytest.raises(redis.ConnectionError):
+            worker.handle(entries)
+    finally:
+        worker.keeper.stop()
     assert metrics.lease_conflicts._value.get() == 0
     # Nothing was written or acked: the frames stay pending for a retry.
     assert admin.xlen(KEYS.faces) == 0
     assert admin.xpending(KEYS.frames("cam0"), GROUP)["pending"] == 2
+
+
+def in_process_worker(url: str, consumer: str, lease_s: float = 0.5, read_count: int = 16, **redis: Any) -> Any:
+    """A detect worker in this process (its hooks can be wrapped), with its metrics registry."""
+    from prometheus_client import CollectorRegistry
+
+    from services.detect.settings import DetectSettings
+    from services.detect.worker import DetectMetrics, DetectWorker
+    from shared.streams import connect
+
+    settings = DetectSettings.model_validate({
+        "redis": {"url": url, **redis}, "consumer": consumer,
+        "detect": {"lease_s": lease_s, "max_frame_age_s": 3600, "read_count": read_count}})
+    return DetectWorker(settings, connect(settings.redis), make_camera_detector(settings.detector),
+                        DetectMetrics(CollectorRegistry()))
+
+
+def test_a_batch_longer_than_the_lease_keeps_its_camera(redis_server: RedisServer) -> None:
+    """Leases are renewed while a batch runs: a batch four times the lease (a loaded machine) is
+    written, not aborted, and no other worker gets the camera meanwhile."""
+    admin = redis_server.client()
+    admin.sadd(KEYS.cameras, "cam0")
+    Publisher(admin, {"cam0": camera_jpegs()["cam0"]}).publish("cam0", 4)
+    worker = in_process_worker(redis_server.url, "detect-a", lease_s=0.5, read_count=4)
+    rival = in_process_worker(redis_server.url, "detect-b", lease_s=0.5)
+    rival_took: list[int] = []
+    process = worker._process
+
+    def slow_process(pipe: Any, entry: Any) -> None:
+        time.sleep(0.5)  # the whole batch: 2 s, four leases
+        rival_took.append(rival.leases.take("cam0", "detect-b", 0.5))
+        process(pipe, entry)
+
+    worker._process = slow_process
+    try:
+        streams = worker.streams()
+        entries = worker._read(streams)
+        assert len(entries) == 4
+        worker.handle(entries)
+    finally:
+        worker.keeper.stop()
+    assert rival_took == [0, 0, 0, 0], "another worker got the camera while its batch ran"
+    assert worker.metrics.lease_conflicts._value.get() == 0
+    assert [decode_faces(e.payload or b"").seq for e in parse_read([(KEYS.faces, admin.xrange(KEYS.faces))])] \
+        == [0, 1, 2, 3]
+    assert admin.xpending(KEYS.frames("cam0"), GROUP)["pending"] == 0
+
+
+def test_a_lost_camera_is_dropped_at_once_and_its_read_frames_go_to_the_new_owner_now(
+        redis_server: RedisServer) -> None:
+    """A worker that read frames of a camera just taken from it (it stalled past its lease) writes
+    nothing for them, stops reading the camera at once, and the new owner processes those frames
+    on its next pass, long before ``claim_idle_ms`` (30 s by default)."""
+    admin = redis_server.client()
+    admin.sadd(KEYS.cameras, "cam0")
+    Publisher(admin, {"cam0": camera_jpegs()["cam0"]}).publish("cam0", 3)
+    old = in_process_worker(redis_server.url, "detect-a")
+    new = in_process_worker(redis_server.url, "detect-b")
+    try:
+        assert old.streams() == [KEYS.frames("cam0")]
+        # The lease lapses and detect-b takes it (what a stall past the lease lets happen).
+        admin.set(old.leases.lease_key("cam0"), "detect-b", px=60_000)
+        admin.incr(old.leases.epoch_key("cam0"))
+        assert new.streams() == [KEYS.frames("cam0")]
+        entries = old._read([KEYS.frames("cam0")])  # read after the new owner's takeover claim
+        assert len(entries) == 3
+        old.handle(entries)
+        assert old.owned == set() and old.metrics.owned._value.get() == 0
+        assert old.metrics.lease_conflicts._value.get() == 1
+        assert admin.xlen(KEYS.faces) == 0 and held(admin, "cam0", "detect-a") == 3
+        time.sleep(0.5 / 3)
+        new.step()  # its next pass finds the frames pending on the former owner and takes them
+        assert held(admin, "cam0", "detect-a") == 0
+        assert admin.xpending(KEYS.frames("cam0"), GROUP)["pending"] == 0
+        seqs = [decode_faces(e.payload or b"").seq for e in parse_read([(KEYS.faces, admin.xrange(KEYS.faces))])]
+        assert seqs == [0, 1, 2]
+        assert new.common.reclaimed.labels(stream=KEYS.frames("cam0"))._value.get() == 3
+    finally:
+        old.keeper.stop()
+        new.keeper.stop()

@@ -4,9 +4,9 @@ track filters, Redis restarts; and the claim path on the Redis versions the pipe
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -52,31 +52,78 @@ def test_a_group_reader_acks_only_what_it_handed_out_and_a_restart_rereads_the_r
     assert again.poll() == [] and pending(r, "app") == 0, "the next read acks what the previous one handed out"
 
 
-def test_subscribe_acks_each_event_only_after_the_caller_received_it(redis_server: RedisServer) -> None:
+def test_subscribe_acks_each_event_only_after_the_caller_asked_for_the_next(redis_server: RedisServer) -> None:
     r = redis_server.client()
     publish(r, range(10))
     events = subscribe(r, start="start", group="app", consumer="c1")
     received = [next(events).seq for _ in range(3)]
     assert received == [0, 1, 2]
     assert pending(r, "app") == 10
-    events.close()  # the caller stops after three: those three are acked, the other seven stay
-    assert pending(r, "app") == 7
+    events.close()  # the caller stops on the third: the first two are acked, the third and the rest stay
+    assert pending(r, "app") == 8
     resumed = subscribe(r, start="start", group="app", consumer="c1", stop=lambda: False)
-    assert [next(resumed).seq for _ in range(7)] == list(range(3, 10))
+    assert [next(resumed).seq for _ in range(8)] == list(range(2, 10))
     resumed.close()
-    assert pending(r, "app") == 0
+    assert pending(r, "app") == 1
 
 
-def test_a_dead_consumers_pending_events_are_taken_over(redis_server: RedisServer,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import shared.events
+def test_an_exception_in_the_callers_loop_leaves_that_event_pending_for_the_next_run(
+        redis_server: RedisServer) -> None:
+    r = redis_server.client()
+    publish(r, range(5))
+    handled: list[int] = []
 
-    monkeypatch.setattr(shared.events, "CLAIM_IDLE_MS", 100)
+    def consume() -> None:
+        for ev in subscribe(r, start="start", group="app", consumer="c1"):
+            if ev.seq == 2:
+                raise RuntimeError("the caller's handler failed on event 2")
+            handled.append(ev.seq)
+
+    with pytest.raises(RuntimeError):
+        consume()
+    assert handled == [0, 1]
+    assert pending(r, "app") == 3, "event 2 failed: it must stay pending, with those not handed out yet"
+    again = subscribe(r, start="start", group="app", consumer="c1")
+    assert [next(again).seq for _ in range(3)] == [2, 3, 4]
+    again.close()
+
+
+def test_ack_covers_only_the_events_handed_out(redis_server: RedisServer) -> None:
+    r = redis_server.client()
+    publish(r, range(10))
+    reader = EventReader(r, start="start", group="app", consumer="c1", block_ms=10)
+    it = iter(reader)
+    assert [next(it).seq, next(it).seq] == [0, 1]  # one read fetched all ten
+    reader.ack()
+    # Event 0 is finished (the caller asked for event 1); 1 is being handled; 2..9 were never handed out.
+    assert pending(r, "app") == 9
+    assert [p["message_id"] for p in r.xpending_range(KEYS.events, "app", "-", "+", 10)] == \
+        [eid for eid, _ in r.xrange(KEYS.events)][1:]
+
+
+def test_the_default_consumer_name_is_unique_per_process(redis_server: RedisServer) -> None:
+    import socket
+
+    from shared.events import default_consumer
+
+    code = "from shared.events import default_consumer; print(default_consumer())"
+    others = {subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                             env={**outside_env(), "PYTHONPATH": str(REPO)}).stdout.strip() for _ in range(2)}
+    mine = default_consumer()
+    assert len(others | {mine}) == 3, "two processes on one host got the same consumer name"
+    assert mine == default_consumer(), "stable within a process: a new reader resumes this process's pending"
+    assert mine.startswith(f"{socket.gethostname()}-{os.getpid()}-")
+    assert EventReader(redis_server.client(), group="g", block_ms=10).consumer == mine
+
+
+def test_pending_events_are_taken_over_after_the_claim_idle_time_set(redis_server: RedisServer) -> None:
     r = redis_server.client()
     publish(r, range(4))
     EventReader(r, start="start", group="app", consumer="gone", block_ms=10).poll()  # never comes back
     time.sleep(0.2)
-    survivor = EventReader(r, start="start", group="app", consumer="other", block_ms=10)
+    patient = EventReader(r, start="start", group="app", consumer="patient", block_ms=10, claim_idle_ms=60_000)
+    assert patient.poll() == [], "entries idle 0.2 s are not taken under a 60 s claim idle time"
+    survivor = EventReader(r, start="start", group="app", consumer="other", block_ms=10, claim_idle_ms=100)
     assert [e.seq for e in survivor.poll()] == [0, 1, 2, 3]
 
 
@@ -115,23 +162,21 @@ def test_readers_wait_out_a_redis_restart_and_resume_after_the_last_event(tmp_pa
         plain = EventReader(server.client(), start="start", block_ms=50)
         grouped = EventReader(server.client(), start="start", group="app", consumer="c", block_ms=50)
         seen_plain = [e.seq for e in plain.poll()]
-        seen_group = [e.seq for e in grouped.poll()]
-
-        def restart() -> None:
-            server.stop()
-            time.sleep(1.0)
-            server.start()
-            publish(server.client(), range(5, 10))
-
-        thread = threading.Thread(target=restart)
-        thread.start()
+        seen_group = [e.seq for e in grouped.poll()]  # handed out, acked only on the next read
+        server.stop()
+        # Reads while Redis is down wait a backoff delay and return nothing.
+        assert plain.poll() == [] and grouped.poll() == []
+        assert plain.reconnects >= 1 and grouped.reconnects >= 1
+        server.start()
+        publish(server.client(), range(5, 10))
         deadline = time.monotonic() + 30
         while (len(seen_plain) < 10 or len(seen_group) < 10) and time.monotonic() < deadline:
             seen_plain += [e.seq for e in plain.poll()]
             seen_group += [e.seq for e in grouped.poll()]
-        thread.join()
+        # Each resumed after the last event received: every event once, in order (the group
+        # acks what was received before re-reading its pending entries).
         assert seen_plain == list(range(10))
-        assert sorted(set(seen_group)) == list(range(10))
+        assert seen_group == list(range(10))
         assert server.client().info("server")["run_id"] != run_id, "the test must actually restart Redis"
     finally:
         server.stop()

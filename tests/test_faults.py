@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -245,10 +246,23 @@ def test_sigterm_drains_and_exits_0_and_a_second_exits_at_once(tmp_path: Path, r
     with pipeline(tmp_path, redis_server.url, cfg, services=(service,), ES_METRICS__PORT=str(metrics_port)) as procs:
         proc = procs[service].proc
         wait_for(lambda: endpoint_ok(metrics_port, '/healthz'), 60, what=f"{service} healthy again")
-        os.kill(proc.pid, signal.SIGTERM)
-        os.kill(proc.pid, signal.SIGTERM)
-        code = proc.wait(5)
-        assert code in (0, 128 + signal.SIGTERM), f"exit code {code}:\n{procs[service].log()[-2000:]}"
+        # Redis frozen: the drain the first SIGTERM starts hangs on it (up to the socket timeout,
+        # then the drain timeout); the second SIGTERM must end the process at once.
+        assert redis_server.proc is not None
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)  # the first is handled (a second sent at once could merge with it)
+            assert proc.poll() is None, "the drain should still be waiting on the frozen Redis"
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(5)
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        # 143 from the handler; -15 when the process was already past its main function (the
+        # interpreter puts the default handler back while it waits for threads).
+        assert code in (128 + signal.SIGTERM, -signal.SIGTERM), f"exit code {code}:\n{procs[service].log()[-2000:]}"
+        assert time.monotonic() - started < 1.0
 
 
 
@@ -277,10 +291,12 @@ def test_overload_stays_bounded_and_every_frame_is_counted(tmp_path: Path, redis
                                   service_env(redis_server.url, ES_METRICS__PORT=str(port)), tmp_path)
         wait_for(lambda: metric_or(ports["classify"], "es_events_total", 0) >= 5, 90, what="first events")
         rss_start = {n: rss_kb(p.proc.pid) for n, p in procs.items()}
+        window_start = window_counts(ports["detect"], r, cams)
         lengths = []
         for _ in range(20):  # 20 s of overload
             lengths.append(max(r.xlen(KEYS.frames(c["id"])) for c in cams))
             time.sleep(1)
+        window = window_counts(ports["detect"], r, cams) - window_start
         rss_end = {n: rss_kb(p.proc.pid) for n, p in procs.items()}
         assert procs["ingest"].stop() == 0
         for cam in cams:
@@ -293,15 +309,26 @@ def test_overload_stays_bounded_and_every_frame_is_counted(tmp_path: Path, redis
         latencies = sorted(e.publish_ts - e.capture_ts for e in all_events(redis_server))
         exact_p99 = latencies[int(0.99 * (len(latencies) - 1))]
     print(f"overload: published {published}, detected {processed:.0f}, dropped stale {stale:.0f}, "
+          f"in the 20 s window {window}, "
           f"max stream length {max(lengths)}, e2e p99 {exact_p99:.3f}s (histogram bucket <= {p99}s), "
           f"rss {rss_start} -> {rss_end}")
     assert published == processed + dropped, "every published frame is processed or counted as dropped"
-    assert stale > 0, "the test must actually overload detect"
+    # Overloaded during the window itself (not only frames that aged while detect started): a
+    # good share of what ingest published then was dropped as stale, and detect worked throughout.
+    assert window["stale"] >= 0.1 * window["published"] and window["processed"] > 0, window
     assert max(lengths) <= 100 + 100  # MAXLEN ~ trims whole macro nodes (100 entries)
     # Bounded by the stale limit (0.5 s) plus one detect call and a batch, on a busy 2-core machine.
     assert exact_p99 < 0.5 + 1.5
     for name in rss_start:
         assert rss_end[name] - rss_start[name] < 50_000, f"{name} memory grew {rss_start} -> {rss_end}"
+
+
+def window_counts(port: int, r: Any, cams: list[dict[str, Any]]) -> Counter[str]:
+    """Frames published so far (all cameras) and detect's processed and stale counts."""
+    published = sum(decode_frame(r.xrevrange(KEYS.frames(c["id"]), count=1)[0][1][b"m"]).seq + 1 for c in cams)
+    return Counter(published=published,
+                   processed=int(metric_or(port, "es_detect_frames_total", 0.0)),
+                   stale=int(metric_or(port, "es_frames_dropped_total", 0.0, stage="detect", reason="stale")))
 
 
 def histogram_quantile(port: int, name: str, q: float) -> float:
@@ -362,36 +389,43 @@ def test_sigterm_publishes_the_faces_waiting_in_a_batch(tmp_path: Path, redis_se
 
 def test_sigterm_finishes_the_frames_detect_holds(tmp_path: Path, redis_server: RedisServer,
                                                   model_bundle: Path) -> None:
+    """SIGTERM lands while detect holds a whole batch it has read and not finished (large frames,
+    every one searched whole: the batch takes a while): each frame of it is still processed."""
     cfg = base_config(model_bundle, [])
     cfg["detect"] = {"max_frame_age_s": 600, "read_count": 8}
+    cfg["detector"] = {"motion": {"enabled": False}}
     r = redis_server.client()
-    frames = render_frames(8)
+    frames = render_frames(8, 1280, 960)
     r.sadd(KEYS.cameras, "cam")
     with pipeline(tmp_path, redis_server.url, cfg, services=("detect",)) as procs:
         wait_for(lambda: r.exists(KEYS.frames("cam")) and r.xinfo_groups(KEYS.frames("cam")), 60,
                  what="detect's group")
+        proc = procs["detect"].proc
+        proc.send_signal(signal.SIGSTOP)
+        pipe = r.pipeline()  # all eight at once: detect reads them in one batch
         for seq, image in enumerate(frames):
             jpeg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))[1].tobytes()
             msg = FrameMsg(camera="cam", seq=seq, capture_ts=time.time(), width=image.shape[1],
                            height=image.shape[0], jpeg=jpeg)
-            r.xadd(KEYS.frames("cam"), {FIELD: encode_frame(msg)})
-        proc = procs["detect"].proc
-        # Freeze detect while it holds frames, ask it to stop, and let it go on.
+            pipe.xadd(KEYS.frames("cam"), {FIELD: encode_frame(msg)})
+        pipe.execute()
+        proc.send_signal(signal.SIGCONT)
+        # Freeze detect as soon as it holds the batch, ask it to stop, and let it go on.
         deadline = time.monotonic() + 30
         while True:
             proc.send_signal(signal.SIGSTOP)
-            if consumer_pending(redis_server, KEYS.frames("cam"), "detect", "detect-test"):
+            if consumer_pending(redis_server, KEYS.frames("cam"), "detect", "detect-test") == len(frames):
                 break
             proc.send_signal(signal.SIGCONT)
-            assert time.monotonic() < deadline, "detect never held a frame"
-            time.sleep(0.005)
+            assert time.monotonic() < deadline, "detect never held the batch"
+            time.sleep(0.002)
         proc.send_signal(signal.SIGTERM)
         proc.send_signal(signal.SIGCONT)
-        assert proc.wait(15) == 0, procs["detect"].log()[-2000:]
+        assert proc.wait(30) == 0, procs["detect"].log()[-2000:]
     info = r.xinfo_groups(KEYS.frames("cam"))[0]
     assert info["pending"] == 0, "every frame detect held was finished before it exited"
     faces = [decode_faces(e.payload or b"").seq for e in parse_read([(KEYS.faces, r.xrange(KEYS.faces))])]
-    assert len(faces) == int(info["entries-read"]) and len(faces) >= 1
+    assert faces == list(range(len(frames))), f"faces written for frames {faces}"
 
 
 def test_backpressure_drops_are_counted_when_detect_falls_behind(tmp_path: Path, redis_server: RedisServer,
@@ -400,16 +434,34 @@ def test_backpressure_drops_are_counted_when_detect_falls_behind(tmp_path: Path,
     cfg = base_config(model_bundle, [{"id": "cam", "url": str(video), "fps": 20, "loop": True}])
     cfg["ingest"] = {"stream_maxlen": 60, "backpressure_lag": 20}
     r = redis_server.client()
-    r.xgroup_create(KEYS.frames("cam"), "detect", id="0", mkstream=True)  # a detect group nobody reads for
+    r.xgroup_create(KEYS.frames("cam"), "detect", id="0", mkstream=True)
+    # A detect worker that reads every frame and never acks (stuck, or dead before its lease
+    # lapsed): no lag, only pending entries, and they are frames detect has not finished.
+    stuck = threading.Event()
+
+    def read_never_ack() -> None:
+        reader = redis_server.client()
+        while not stuck.is_set():
+            reader.xreadgroup("detect", "stuck-worker", {KEYS.frames("cam"): ">"}, count=100, block=50)
+
+    thread = threading.Thread(target=read_never_ack, daemon=True)
+    thread.start()
     port = free_port()
-    with pipeline(tmp_path, redis_server.url, cfg, services=("ingest",), ES_METRICS__PORT=str(port)):
-        wait_for(lambda: metric_or(port, "es_frames_dropped_total", 0, reason="backpressure") >= 20, 60,
-                 what="backpressure drops")
-        published = metric(port, "es_frames_published_total", camera="cam")
-        read = metric(port, "es_frames_read_total", camera="cam")
-        dropped = metric(port, "es_frames_dropped_total", camera="cam")
-        length = r.xlen(KEYS.frames("cam"))
-    print(f"backpressure: read {read:.0f}, published {published:.0f}, dropped {dropped:.0f}, stream length {length}")
+    try:
+        with pipeline(tmp_path, redis_server.url, cfg, services=("ingest",), ES_METRICS__PORT=str(port)):
+            wait_for(lambda: metric_or(port, "es_frames_dropped_total", 0, reason="backpressure") >= 20, 60,
+                     what="backpressure drops")
+            published = metric(port, "es_frames_published_total", camera="cam")
+            read = metric(port, "es_frames_read_total", camera="cam")
+            dropped = metric(port, "es_frames_dropped_total", camera="cam")
+            length = r.xlen(KEYS.frames("cam"))
+            stats = r.xinfo_groups(KEYS.frames("cam"))[0]
+    finally:
+        stuck.set()
+        thread.join(5)
+    print(f"backpressure: read {read:.0f}, published {published:.0f}, dropped {dropped:.0f}, stream length {length}, "
+          f"pending {stats['pending']}, lag {stats['lag']}")
+    assert stats["pending"] >= 20 and stats["lag"] <= 10, "the frames must wait as pending, not as lag"
     assert length < 60, "ingest stopped before MAXLEN had to trim unread frames"
     # The lag is looked at twice a second: up to half a second of frames (10) may pass the limit.
     assert 20 <= published <= 20 + 10 + 1

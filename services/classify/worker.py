@@ -136,7 +136,7 @@ class ClassifyWorker(StreamWorker):
             self._waiting.append(Waiting(entry, msg, time.monotonic()))
             self._faces_waiting += len(msg.faces)
         if bad:
-            pipe = self.pipeline()
+            pipe = self.slot_pipeline()
             for bad_entry, reason, detail in bad:
                 self.dead_letter(pipe, bad_entry, reason, detail)
             pipe.execute()
@@ -202,7 +202,7 @@ class ClassifyWorker(StreamWorker):
         return out
 
     def _reject(self, failed: list[tuple[Waiting, str]]) -> None:
-        pipe = self.pipeline()
+        pipe = self.slot_pipeline()
         for w, detail in failed:
             self.dead_letter(pipe, w.entry, "inference_error", detail)
         pipe.execute()

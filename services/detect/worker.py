@@ -22,9 +22,9 @@ from services.detect.settings import DetectSettings
 from shared.cameras import CameraRegistry, CameraSettings
 from shared.detection import CameraDetector, crop_faces
 from shared.health import LATENCY_BUCKETS, CommonMetrics
-from shared.leases import LeasePool, fair_share
+from shared.leases import LeaseKeeper, LeasePool, fair_share
 from shared.schema import FIELD, Box, DecodeError, FaceCrop, FacesMsg, FrameMsg, decode_frame, encode_faces
-from shared.streams import CONNECTION_ERRORS, Entry, watch_broken
+from shared.streams import CONNECTION_ERRORS, Entry, Keys, is_transient, refusal_reason, watch_broken
 from shared.worker import Stopper, StreamWorker
 from shared.zones import CameraGeometries, CameraGeometry, blank, zone_label
 
@@ -63,6 +63,10 @@ class DetectMetrics(CommonMetrics):
         self.lease_conflicts = Counter("es_detect_lease_conflicts_total",
                                        "Batches discarded because a camera's lease changed hands while they ran",
                                        registry=registry)
+        self.refused_writes = Counter("es_detect_refused_writes_total",
+                                      "Batch writes refused, by reason: lease_lost (fenced off: another worker "
+                                      "owns the camera now) or a Redis refusal (nothing acked, retried)",
+                                      ["reason"], registry=registry)
         self.takeovers = Counter("es_detect_camera_takeovers_total",
                                  "Cameras this worker started handling (first start, rebalancing, takeover)",
                                  registry=registry)
@@ -79,10 +83,13 @@ class DetectWorker(StreamWorker):
         self.metrics = metrics
         prefix = settings.redis.prefix
         self.leases = LeasePool(r, f"{prefix}:detect-lease", f"{prefix}:detect-workers")
+        self.keeper = LeaseKeeper(self.leases, self.consumer, settings.detect.lease_s)
         self.owned: set[str] = set()
+        self.epochs: dict[str, int] = {}  # camera -> lease epoch when taken: the fencing token of our writes
         self._renewed_at = 0.0
         self._cameras: list[str] = []
         self._cameras_at = 0.0
+        self._keeping = False
         self.registry = CameraRegistry(r, prefix)
         self.geometries = CameraGeometries(self._camera_settings, settings.detect.cameras_refresh_s)
 
@@ -94,10 +101,13 @@ class DetectWorker(StreamWorker):
     # -- which cameras ------------------------------------------------------
 
     def streams(self) -> list[str]:
+        for camera in sorted(self.keeper.take_lost() & self.owned):
+            self._drop(camera, "lease taken by another worker")
         now = time.monotonic()
         if now - self._renewed_at >= self.cfg.detect.lease_s / 3 or not self.owned:
             self._renewed_at = now
             self._rebalance(now)
+            self._adopt_pending()
         self.geometries.refresh()
         return [self.keys.frames(c) for c in sorted(self.owned)]
 
@@ -107,17 +117,30 @@ class DetectWorker(StreamWorker):
         members = self.leases.beat(self.consumer, lease_s)
         quota = fair_share(len(cameras), members)
         for camera in sorted(self.owned):
-            if camera not in cameras or not self.leases.hold(camera, self.consumer, lease_s):
+            epoch = self.leases.take(camera, self.consumer, lease_s) if camera in cameras else 0
+            if not epoch:
                 self._drop(camera, "lease lost" if camera in cameras else "camera gone")
+            elif epoch != self.epochs[camera]:
+                self._take(camera, epoch)  # it lapsed and was taken again: start over from its pending frames
         for camera in sorted(self.owned, reverse=True)[: max(0, len(self.owned) - quota)]:
             self._drop(camera, f"rebalancing: {members} workers share {len(cameras)} cameras")
             self.leases.release(camera, self.consumer)
         for camera in cameras:
             if len(self.owned) >= quota:
                 break
-            if camera not in self.owned and self.leases.hold(camera, self.consumer, lease_s):
-                self._take(camera)
+            if camera not in self.owned:
+                epoch = self.leases.take(camera, self.consumer, lease_s)
+                if epoch:
+                    self._take(camera, epoch)
+        self._keep_leases()
+
+    def _keep_leases(self) -> None:
+        """Leases are renewed from a thread too, so a batch longer than a lease does not lose them."""
+        self.keeper.track(self.owned)
         self.metrics.owned.set(len(self.owned))
+        if not self._keeping:
+            self._keeping = True
+            self.keeper.start()
 
     def _all_cameras(self, now: float) -> list[str]:
         if now - self._cameras_at >= self.cfg.detect.cameras_refresh_s or not self._cameras:
@@ -126,23 +149,43 @@ class DetectWorker(StreamWorker):
             self._cameras_at = now
         return self._cameras
 
-    def _take(self, camera: str) -> None:
+    def _take(self, camera: str, epoch: int) -> None:
         self.owned.add(camera)
+        self.epochs[camera] = epoch
         self.detector.forget(camera)
         self.metrics.takeovers.inc()
-        log.info("camera %s: frames handled by %s", camera, self.consumer)
+        log.info("camera %s: frames handled by %s (lease epoch %d)", camera, self.consumer, epoch)
         stream = self.keys.frames(camera)
         self._ensure_groups([stream])
         # Frames the previous owner read but never acked come first, in order: no idle wait,
         # the lease says that owner is gone.
         self._claim_stream(stream, idle_ms=0)
 
+    def _adopt_pending(self) -> None:
+        """Frames of an owned camera pending on another consumer are taken now, not after ``claim_idle_ms``.
+
+        They were read by an owner that lost the lease while they waited (it stalled, or read them
+        after this worker's takeover claim); the fences refuse its writes, so they are this worker's.
+        """
+        for camera in sorted(self.owned):
+            stream = self.keys.frames(camera)
+            summary = self.r.xpending(stream, self.group)
+            others = [c for c in summary.get("consumers") or [] if _name(c["name"]) != self.consumer]
+            if others:
+                log.info("camera %s: taking %d frames left pending by a former owner", camera,
+                         sum(int(c["pending"]) for c in others))
+                self._claim_stream(stream, idle_ms=0)
+
     def _drop(self, camera: str, why: str) -> None:
         self.owned.discard(camera)
+        self.epochs.pop(camera, None)
         self.detector.forget(camera)
+        self.keeper.track(self.owned)
+        self.metrics.owned.set(len(self.owned))
         log.info("camera %s: no longer handled by %s (%s)", camera, self.consumer, why)
 
     def drain(self) -> None:
+        self.keeper.stop()
         try:
             for camera in sorted(self.owned):
                 self.leases.release(camera, self.consumer)
@@ -156,25 +199,73 @@ class DetectWorker(StreamWorker):
         return self.cfg.detect.read_count
 
     def handle(self, entries: list[Entry]) -> None:
+        """Outputs before acks, and only while this worker still holds each camera's lease epoch.
+
+        Single Redis: outputs and acks in one MULTI/EXEC, the cameras' epoch keys WATCHed, so a
+        takeover during the batch discards it whole. Cluster (no transaction across slots): per
+        camera, the outputs are written after a fence check and the acks go in a script on the
+        lease's slot that acks only if the epoch is unchanged. A refused output means no ack.
+        """
+        batch = {self.keys.camera_from_frames(e.stream) for e in entries}
+        for camera in sorted(self.keeper.take_lost() & self.owned):
+            if camera in batch:
+                self._refused(camera, "lease taken by another worker")
+            else:
+                self._drop(camera, "lease taken by another worker")
+        entries = [e for e in entries if self.keys.camera_from_frames(e.stream) in self.owned]
+        if not entries:
+            return
+        if self._clustered:
+            for camera, mine in _by_camera(self.keys, entries).items():
+                self._commit_camera(camera, mine)
+        else:
+            self._commit_transaction(entries)
+
+    def _commit_transaction(self, entries: list[Entry]) -> None:
         pipe = self.pipeline()
+        cameras = sorted({self.keys.camera_from_frames(e.stream) for e in entries})
         try:
-            self._commit(pipe, entries)
+            held = self._watch_fences(pipe, cameras)
+            self._queue_batch(pipe, [e for e in entries if self.keys.camera_from_frames(e.stream) in held])
+            self._queue_acks(pipe, [e for e in entries if self.keys.camera_from_frames(e.stream) in held])
+            self._execute(pipe)
         except redis.WatchError as exc:
             if watch_broken(exc):  # the connection dropped: an outage, not another owner
                 raise redis.ConnectionError(str(exc)) from exc
-            # A camera's lease changed hands while this batch ran (this worker stalled past it):
-            # the new owner handles these frames; writing them too would duplicate and reorder.
-            self.metrics.lease_conflicts.inc()
-            log.warning("a camera lease changed hands during a batch; its output was discarded")
+            self._on_conflict(cameras)
         finally:
             pipe.reset()
 
-    def _commit(self, pipe: Any, entries: list[Entry]) -> None:
-        """Detect the frames of the cameras still held; their outputs and acks go in one transaction."""
-        held = self._still_held(pipe, {self.keys.camera_from_frames(e.stream) for e in entries})
-        entries = [e for e in entries if self.keys.camera_from_frames(e.stream) in held]
-        if not entries:
+    def _watch_fences(self, pipe: Any, cameras: list[str]) -> set[str]:
+        """The cameras still held in the epoch they were taken in; their epoch keys are watched until EXEC."""
+        pipe.watch(*[self.leases.epoch_key(c) for c in cameras])
+        held = set()
+        for camera in cameras:
+            owner, epoch = pipe.get(self.leases.lease_key(camera)), pipe.get(self.leases.epoch_key(camera))
+            if _name(owner) == self.consumer and _name(epoch) == str(self.epochs.get(camera)):
+                held.add(camera)
+            else:
+                self._refused(camera, "lease taken by another worker")
+        pipe.multi()
+        return held
+
+    def _commit_camera(self, camera: str, entries: list[Entry]) -> None:
+        """Cluster: this camera's outputs (faces, dead letters) first, then its fenced acks."""
+        outputs = self.r.pipeline(transaction=False)
+        self._queue_batch(outputs, entries)
+        epoch = self.epochs[camera]
+        # Checked again just before writing: a worker that stalled past its lease writes nothing.
+        if not self.leases.fenced(camera, self.consumer, epoch):
+            outputs.reset()
+            self._refused(camera, "lease taken by another worker")
             return
+        self._execute(outputs)
+        stream = self.keys.frames(camera)
+        if not self.leases.ack_if_held(camera, self.consumer, epoch, stream, self.group, [e.id for e in entries]):
+            # Written but not acked: the new owner processes these frames again (same ids downstream).
+            self._refused(camera, "lease taken by another worker before the acks")
+
+    def _queue_batch(self, pipe: Any, entries: list[Entry]) -> None:
         for entry in entries:
             try:
                 self._process(pipe, entry)
@@ -182,23 +273,39 @@ class DetectWorker(StreamWorker):
                 log.exception("processing %s %s failed", entry.stream, entry.id)
                 camera = self.keys.camera_from_frames(entry.stream)
                 self._reject(pipe, entry, camera, "processing_error", f"{type(exc).__name__}: {exc}")
-            pipe.xack(entry.stream, self.group, entry.id)
-        pipe.execute()
 
-    def _still_held(self, pipe: Any, cameras: set[str]) -> set[str]:
-        """The cameras this worker still owns; on a single Redis their leases are watched until EXEC."""
-        keys = [self.leases.lease_key(c) for c in sorted(cameras)]
-        if not self._clustered:
-            pipe.watch(*keys)
-            owners = [pipe.get(k) for k in keys]
-            pipe.multi()
-        else:
-            owners = [self.r.get(k) for k in keys]
-        held = {c for c, o in zip(sorted(cameras), owners, strict=True)
-                if (o.decode() if isinstance(o, bytes) else o) == self.consumer}
-        for camera in cameras - held:
-            self._drop(camera, "lease taken by another worker")
-        return held
+    def _queue_acks(self, pipe: Any, entries: list[Entry]) -> None:
+        for entry in entries:
+            pipe.xack(entry.stream, self.group, entry.id)
+
+    def _execute(self, pipe: Any) -> None:
+        """Run the outputs; a refusal (OOM, READONLY, CLUSTERDOWN) is counted and raised: nothing is acked."""
+        try:
+            pipe.execute()
+        except redis.WatchError:
+            raise
+        except redis.RedisError as exc:
+            if is_transient(exc):
+                self.metrics.refused_writes.labels(reason=refusal_reason(exc)).inc()
+            raise
+
+    def _refused(self, camera: str, why: str) -> None:
+        """A write fenced off: this worker lost the camera. Stop reading it now; its owner takes what is pending."""
+        self.metrics.lease_conflicts.inc()
+        self.metrics.refused_writes.labels(reason="lease_lost").inc()
+        log.warning("camera %s: %s; this batch's output was discarded", camera, why)
+        if camera in self.owned:
+            self._drop(camera, why)
+
+    def _on_conflict(self, cameras: list[str]) -> None:
+        """A watched epoch changed during the batch: drop the cameras lost, redo the others' frames now."""
+        for camera in cameras:
+            if camera not in self.owned:
+                continue
+            if self.leases.fenced(camera, self.consumer, self.epochs[camera]):
+                self._claim_stream(self.keys.frames(camera), idle_ms=0)
+            else:
+                self._refused(camera, "lease changed hands during a batch")
 
     def _process(self, pipe: Any, entry: Entry) -> None:
         camera = self.keys.camera_from_frames(entry.stream)
@@ -277,7 +384,7 @@ class DetectWorker(StreamWorker):
 
     def _reject(self, pipe: Any, entry: Entry, camera: str, reason: str, detail: str) -> None:
         self.metrics.drop(camera, reason)
-        self.dead_letter(pipe, entry, reason, detail)
+        self.dead_letter(pipe, entry, reason, detail, ack=False)  # acked with the batch, after its outputs
 
     def ready(self) -> tuple[bool, str]:
         try:
@@ -285,3 +392,14 @@ class DetectWorker(StreamWorker):
         except CONNECTION_ERRORS as exc:
             return False, f"redis: {exc}"
         return True, f"redis ok, {len(self.owned)} cameras owned"
+
+
+def _by_camera(keys: Keys, entries: list[Entry]) -> dict[str, list[Entry]]:
+    out: dict[str, list[Entry]] = {}
+    for entry in entries:
+        out.setdefault(keys.camera_from_frames(entry.stream), []).append(entry)
+    return out
+
+
+def _name(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
