@@ -183,7 +183,8 @@ class DetectWorker(StreamWorker):
                 camera = self.keys.camera_from_frames(entry.stream)
                 self._reject(pipe, entry, camera, "processing_error", f"{type(exc).__name__}: {exc}")
             pipe.xack(entry.stream, self.group, entry.id)
-        pipe.execute()
+        with self.clock.writing():
+            pipe.execute()
 
     def _still_held(self, pipe: Any, cameras: set[str]) -> set[str]:
         """The cameras this worker still owns; on a single Redis their leases are watched until EXEC."""
