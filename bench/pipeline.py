@@ -531,7 +531,8 @@ def summarise(n: int, args: argparse.Namespace, procs: list[ServiceProc], w: Win
         "waits": waits,
         "waits_of": "share of each stage's loop wall time (es_stage_phase_seconds_sum; camera threads and replicas "
                     "added up) waiting for input, working and writing to Redis; loop_s_per_s is that loop time "
-                    "per second of window (1 per worker or camera thread)",
+                    "per second of window (1 per worker or camera thread); busy_on_cpu = cores used / loop time "
+                    "working or writing per second: below 1, the busy loop waited for a CPU",
         "queues": w.queues.summary(),
         "queues_of": "summed over the group's streams, sampled twice a second: length = XLEN, unread = not yet "
                      "delivered (lag), pending = delivered and not acked; detect's are frames, classify's face "
@@ -551,10 +552,13 @@ def phase_shares(a: Snapshot, b: Snapshot, stage: str, procs: list[str], cores: 
                 seconds[phase] += value - before.get((label, phase), 0.0)
     loop = sum(seconds.values())
     window = b.at - a.at
+    busy = (seconds.get("work", 0.0) + seconds.get("write", 0.0)) / window if window else 0.0
     return {"seconds": {p: seconds.get(p, 0.0) for p in PHASES},
             "share": {p: seconds.get(p, 0.0) / loop if loop else None for p in PHASES},
             "loop_s_per_s": loop / window if window else None,
-            "cores_used": cores}
+            "cores_used": cores,
+            # Below 1: the loop was busy but not on a CPU (other processes had the cores).
+            "busy_on_cpu": min(1.0, cores / busy) if busy else None}
 
 
 # ---------------------------------------------------------------- output
@@ -594,8 +598,9 @@ def print_run(res: dict[str, Any]) -> None:
 def print_waits(res: dict[str, Any]) -> None:
     print("where a frame waits (share of each stage's loop time; queues sampled twice a second)")
     benchlib.print_table(
-        ["stage", "wait %", "work %", "write %", "loops/s", "cores"],
-        [(stage, *(_pct(w["share"][p]) for p in PHASES), w["loop_s_per_s"], w["cores_used"])
+        ["stage", "wait %", "work %", "write %", "loops/s", "cores", "busy on CPU %"],
+        [(stage, *(_pct(w["share"][p]) for p in PHASES), w["loop_s_per_s"], w["cores_used"],
+          _pct(w["busy_on_cpu"]))
          for stage, w in res["waits"].items()], digits=1)
     print()
     rows = []

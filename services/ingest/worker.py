@@ -151,8 +151,12 @@ class CameraReader(threading.Thread):
             self.clock.finish()
 
     def _pass(self) -> bool:
-        """One frame: grab (waiting for the source), decode and encode, publish; True ends the loop."""
-        with self.clock.waiting():
+        """One frame: grab, decode and encode, publish; True ends the loop.
+
+        A live camera's grab waits for the camera; a file's grab decodes the next frame (work),
+        and the file waits for the frame's slot instead.
+        """
+        with self.clock.waiting() if not self.source.is_file else contextlib.nullcontext():
             try:
                 captured = self.source.grab()
             except EndOfStream:
