@@ -21,7 +21,8 @@ measuring window of --seconds:
 - peak RSS per service: VmHWM from /proc/<pid>/status at the end of the window;
 - where a frame waits: each stage's loop time split into waiting for input, working and writing
   (es_stage_phase_seconds_sum differences; shares of the stage's loop time, camera threads and
-  replicas added up), beside its cores used, and the queues in front of detect and classify
+  replicas added up), beside its cores used and how much of its busy time it was on a CPU
+  (cores / loop time working or writing), and the queues in front of detect and classify
   (not yet read, and read but not acked) sampled twice a second: max and p95 over the window;
 - where the latency goes: the newest frame of each camera stream is sampled twice a second; its
   stream id is when Redis stored it, giving capture->XADD (for file cameras this includes ingest's
