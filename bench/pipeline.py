@@ -19,6 +19,11 @@ measuring window of --seconds:
 - CPU seconds per frame per stage: utime+stime differences from /proc/<pid>/stat over frames
   (ingest and Redis per frame published; detect and classify per frame detected);
 - peak RSS per service: VmHWM from /proc/<pid>/status at the end of the window;
+- where a frame waits: each stage's loop time split into waiting for input, working and writing
+  (es_stage_phase_seconds_sum differences; shares of the stage's loop time, camera threads and
+  replicas added up), beside its cores used and how much of its busy time it was on a CPU
+  (cores / loop time working or writing), and the queues in front of detect and classify
+  (not yet read, and read but not acked) sampled twice a second: max and p95 over the window;
 - where the latency goes: the newest frame of each camera stream is sampled twice a second; its
   stream id is when Redis stored it, giving capture->XADD (for file cameras this includes ingest's
   wait for the frame's slot at the target fps, up to 1/fps) and XADD->event for those frames.
@@ -49,14 +54,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib
+import numpy as np
 import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.events import EventReader
+from shared.health import PHASES
 from shared.sample import write_video
 from shared.schema import FIELD, DecodeError, EventMsg, decode_frame
-from shared.streams import Keys
+from shared.streams import Keys, group_stats
 
 ROOT = benchlib.ROOT
 DEFAULT_JSON = benchlib.RESULTS / "pipeline.json"
@@ -337,12 +344,48 @@ class PublishSamples:
                 if ev.face == 0 and (ev.camera, ev.seq) in self.xadd_at]
 
 
+QUEUE_MEASURES = ("length", "unread", "pending")
+
+
+@dataclass
+class QueueSamples:
+    """The queues in front of detect (every camera's frames stream) and classify (the faces stream),
+    summed over streams at each sample: length (XLEN), unread (lag) and pending (read, not acked)."""
+
+    series: dict[str, dict[str, list[int]]] = field(
+        default_factory=lambda: {g: {m: [] for m in QUEUE_MEASURES} for g in ("detect", "classify")})
+
+    def sample(self, r: redis.Redis, keys: Keys, cameras: list[str]) -> None:
+        for group, streams in (("detect", [keys.frames(c) for c in cameras]), ("classify", [keys.faces])):
+            sums = dict.fromkeys(QUEUE_MEASURES, 0)
+            for stream in streams:
+                stats = group_stats(r, stream, group)
+                if stats is not None:
+                    sums["length"] += stats.length
+                    sums["unread"] += stats.lag
+                    sums["pending"] += stats.pending
+            for measure, value in sums.items():
+                self.series[group][measure].append(value)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for group, measures in self.series.items():
+            out[group] = {m: {"max": max(v) if v else None, "p95": _p95(v), "samples": len(v)}
+                          for m, v in measures.items()}
+        return out
+
+
+def _p95(values: list[int]) -> float | None:
+    return float(np.percentile(values, 95)) if values else None
+
+
 @dataclass
 class Window:
     a: Snapshot
     b: Snapshot
     events: list[EventMsg]
     published: PublishSamples
+    queues: QueueSamples
     peak_rss: dict[str, float]
     backlog: int | None
     startup_s: float
@@ -379,12 +422,14 @@ def run_once(n: int, videos: list[Path], args: argparse.Namespace, workdir: Path
             check_alive(procs)
             start_id = last_event_id(r, keys.events)
             published = PublishSamples()
+            queues = QueueSamples()
             a = snapshot(procs, redis_pid)
             end = a.at + args.seconds
             while time.monotonic() < end:
                 time.sleep(min(0.5, max(0.0, end - time.monotonic())))
                 check_alive(procs)
                 published.sample(r, keys, cameras)
+                queues.sample(r, keys, cameras)
             b = snapshot(procs, redis_pid)
             peak_rss = {sp.name: benchlib.peak_rss_mib(sp.pid) for sp in procs}
             peak_rss["redis"] = benchlib.peak_rss_mib(redis_pid)
@@ -392,7 +437,7 @@ def run_once(n: int, videos: list[Path], args: argparse.Namespace, workdir: Path
             events = read_window_events(r, start_id, a.wall, b.wall)
         finally:
             stop_report = stop_services(procs, args.stop_timeout)
-        window = Window(a, b, events, published, peak_rss, backlog, startup_s)
+        window = Window(a, b, events, published, queues, peak_rss, backlog, startup_s)
         return summarise(n, args, procs, window, stop_report)
 
 
@@ -452,6 +497,8 @@ def summarise(n: int, args: argparse.Namespace, procs: list[ServiceProc], w: Win
             "peak_rss_mib": max(w.peak_rss[x] for x in names[stage]) if stage in names else w.peak_rss["redis"],
         }
     stages["detect"]["peak_rss_mib_each"] = {x: w.peak_rss[x] for x in names["detect"]}
+    waits = {stage: phase_shares(a, b, stage, names[stage], stages[stage]["cores_used"])
+             for stage in ("ingest", "detect", "classify")}
     return {
         "cameras": n,
         "offered_fps": n * args.fps,
@@ -482,8 +529,37 @@ def summarise(n: int, args: argparse.Namespace, procs: list[ServiceProc], w: Win
         "dead_letters": dead,
         "detect_backlog_end": w.backlog,
         "stages": stages,
+        "waits": waits,
+        "waits_of": "share of each stage's loop wall time (es_stage_phase_seconds_sum; camera threads and replicas "
+                    "added up) waiting for input, working and writing to Redis; loop_s_per_s is that loop time "
+                    "per second of window (1 per worker or camera thread); busy_on_cpu = cores used / loop time "
+                    "working or writing per second: below 1, the busy loop waited for a CPU",
+        "queues": w.queues.summary(),
+        "queues_of": "summed over the group's streams, sampled twice a second: length = XLEN, unread = not yet "
+                     "delivered (lag), pending = delivered and not acked; detect's are frames, classify's face "
+                     "messages",
         "stop": stop_report,
     }
+
+
+def phase_shares(a: Snapshot, b: Snapshot, stage: str, procs: list[str], cores: float) -> dict[str, Any]:
+    """Seconds per phase of a stage's loops in the window, as shares of their sum."""
+    seconds: dict[str, float] = defaultdict(float)
+    for proc in procs:
+        after = by_labels(b.metrics[proc], "es_stage_phase_seconds_sum", ("stage", "phase"))
+        before = by_labels(a.metrics[proc], "es_stage_phase_seconds_sum", ("stage", "phase"))
+        for (label, phase), value in after.items():
+            if label == stage:
+                seconds[phase] += value - before.get((label, phase), 0.0)
+    loop = sum(seconds.values())
+    window = b.at - a.at
+    busy = (seconds.get("work", 0.0) + seconds.get("write", 0.0)) / window if window else 0.0
+    return {"seconds": {p: seconds.get(p, 0.0) for p in PHASES},
+            "share": {p: seconds.get(p, 0.0) / loop if loop else None for p in PHASES},
+            "loop_s_per_s": loop / window if window else None,
+            "cores_used": cores,
+            # Below 1: the loop was busy but not on a CPU (other processes had the cores).
+            "busy_on_cpu": min(1.0, cores / busy) if busy else None}
 
 
 # ---------------------------------------------------------------- output
@@ -514,8 +590,24 @@ def print_run(res: dict[str, Any]) -> None:
         ["stage", "procs", "cpu s", "cores", "cpu ms/frame", "peak RSS MiB"],
         [(k, v["processes"], v["cpu_s"], v["cores_used"], v["cpu_ms_per_frame"], v["peak_rss_mib"])
          for k, v in res["stages"].items()])
+    print()
+    print_waits(res)
     unclean = {k: v for k, v in res["stop"].items() if v["killed"] or v["exit_code"] != 0}
     print(f"stop: {unclean if unclean else 'clean (SIGTERM, exit 0)'}")
+
+
+def print_waits(res: dict[str, Any]) -> None:
+    print("where a frame waits (share of each stage's loop time; queues sampled twice a second)")
+    benchlib.print_table(
+        ["stage", "wait %", "work %", "write %", "loops/s", "cores", "busy on CPU %"],
+        [(stage, *(_pct(w["share"][p]) for p in PHASES), w["loop_s_per_s"], w["cores_used"],
+          _pct(w["busy_on_cpu"]))
+         for stage, w in res["waits"].items()], digits=1)
+    print()
+    rows = []
+    for group, measures in res["queues"].items():
+        rows += [(f"{group} {m}", v["max"], v["p95"]) for m, v in measures.items()]
+    benchlib.print_table(["queue", "max", "p95"], rows, digits=1)
 
 
 def _pct(ratio: float | None) -> float | None:
@@ -535,11 +627,13 @@ def print_summary(results: list[dict[str, Any]]) -> None:
     print("\n== summary")
     benchlib.print_table(
         ["cameras", "in/s", "out/s", "faces/s", "events/s", "p50 ms", "p95 ms", "p99 ms", "XADD->ev p50",
-         "drop %", "ingest ms/f", "detect ms/f", "classify ms/f", "redis ms/f"],
+         "drop %", "ingest ms/f", "detect ms/f", "classify ms/f", "redis ms/f", "detect wait %",
+         "detect queue p95"],
         [(r["cameras"], r["fps_in"], r["fps_out"], r["faces_per_s"], r["events_per_s"], r["latency_ms"]["p50_ms"],
           r["latency_ms"]["p95_ms"], r["latency_ms"]["p99_ms"], r["after_publish_latency_ms"]["p50_ms"],
           _pct(r["drop_ratio_total"]),
-          *(r["stages"][s]["cpu_ms_per_frame"] for s in ("ingest", "detect", "classify", "redis")))
+          *(r["stages"][s]["cpu_ms_per_frame"] for s in ("ingest", "detect", "classify", "redis")),
+          _pct(r["waits"]["detect"]["share"]["wait"]), r["queues"]["detect"]["unread"]["p95"])
          for r in results], digits=1)
 
 

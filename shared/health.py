@@ -12,12 +12,25 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Info, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
 
 import shared
 from shared.settings import MetricsSettings
 
 log = logging.getLogger(__name__)
+
+# The phases of a stage's loop (see :class:`shared.worker.PhaseClock`): a fixed label set.
+PHASES = ("wait", "work", "write")
+PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 
@@ -47,6 +60,12 @@ class CommonMetrics:
                                    ["stream", "group"], registry=registry)
         self.group_lag = Gauge("es_stream_lag", "Entries not yet delivered to a consumer group",
                                ["stream", "group"], registry=registry)
+        # Wall time of the stage's loop by phase; _sum over time is the share of time spent in
+        # each. process_cpu_seconds_total (the process collector) says how many cores it uses.
+        self.phase = Histogram("es_stage_phase_seconds", "Wall time of a stage's loop by phase (wait: blocked for "
+                               "input; work: decode, detect, classify; write: Redis outputs and acks), per pass",
+                               ["stage", "phase"], buckets=PHASE_BUCKETS, registry=registry)
+        ProcessCollector(registry=registry)
         self.lost = Counter("es_stream_lost_total", "Stream entries lost before a group processed them "
                             "(trimmed_unread: MAXLEN trimmed them unread; trimmed_pending: trimmed while "
                             "pending; redis_oom: could be neither processed nor dead-lettered)",

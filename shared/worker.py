@@ -15,12 +15,15 @@ import signal
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
 import redis
+from prometheus_client import Histogram
 
-from shared.health import CommonMetrics, Heartbeat
+from shared.health import PHASES, CommonMetrics, Heartbeat
 from shared.settings import ServiceSettings
 from shared.streams import (
     COUNT_TRIMMED,
@@ -114,6 +117,55 @@ class ChildStopper(Stopper):
         return self._stop or self.parent._flag()
 
 
+class PhaseClock:
+    """Splits a loop's wall time into waiting for input, working and writing output.
+
+    The loop marks each pass's start and its waits; writes are timed where they happen
+    (``with clock.writing():`` around a pipeline's EXEC), and work is the rest of the pass. Each
+    pass observes wait and work, and write when it wrote, so the histogram's ``_sum`` per phase
+    adds up to the loop's wall time (threads of one stage add up their own).
+    """
+
+    def __init__(self, metric: Histogram, stage: str) -> None:
+        self._phase = {p: metric.labels(stage=stage, phase=p) for p in PHASES}
+        self._started = time.perf_counter()
+        self._waited = 0.0
+        self._wrote = 0.0
+        self._writes = 0
+
+    def start(self) -> None:
+        """A new pass: what the last one left unobserved (it raised) is dropped."""
+        self._started = time.perf_counter()
+        self._waited = self._wrote = 0.0
+        self._writes = 0
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._waited += time.perf_counter() - began
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._wrote += time.perf_counter() - began
+            self._writes += 1
+
+    def finish(self) -> None:
+        """Observe the pass: work is what was neither waiting nor writing."""
+        total = time.perf_counter() - self._started
+        self._phase["wait"].observe(self._waited)
+        self._phase["work"].observe(max(0.0, total - self._waited - self._wrote))
+        if self._writes:
+            self._phase["write"].observe(self._wrote)
+        self.start()
+
+
 class StreamWorker(ABC):
     """Reads one consumer group over a set of streams; subclasses process the entries."""
 
@@ -136,6 +188,7 @@ class StreamWorker(ABC):
         self._clustered = is_cluster(r)
         self._turn = 0
         self._count_trimmed = r.register_script(COUNT_TRIMMED)
+        self.clock = PhaseClock(common.phase, self.service)
 
     # -- subclass API -------------------------------------------------------
 
@@ -185,15 +238,22 @@ class StreamWorker(ABC):
         self._drain_safely()
 
     def step(self) -> None:
+        self.clock.start()
+        self._step()
+        self.clock.finish()
+
+    def _step(self) -> None:
         streams = self.streams()
         self._ensure_groups(streams)
         self._maybe_claim(streams)
         self._maybe_sample(streams)
         if not streams:
-            self.stopper.wait(self.settings.streams.block_ms / 1000)
+            with self.clock.waiting():
+                self.stopper.wait(self.settings.streams.block_ms / 1000)
             self.idle()
             return
-        entries = self._read(streams)
+        with self.clock.waiting():
+            entries = self._read(streams)
         if entries:
             self.handle(entries)
         else:
@@ -336,7 +396,8 @@ class StreamWorker(ABC):
             for e in poison:
                 self.dead_letter(pipe, e, "max_deliveries", f"delivered {counts[e.id]} times")
             try:
-                pipe.execute()
+                with self.clock.writing():
+                    pipe.execute()
             except REFUSAL_ERRORS as exc:
                 self._ack_lost(stream, poison, refusal_reason(exc))
         return [e for e in entries if e not in poison]

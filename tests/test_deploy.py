@@ -189,12 +189,14 @@ def test_pipeline_health_dashboard_covers_the_pipeline() -> None:
     for name in ("es_frames_read_total", "es_frames_published_total", "es_detect_frames_total", "es_events_total",
                  "es_frames_dropped_total", "es_end_to_end_seconds_bucket", "es_detect_seconds_bucket",
                  "es_classify_batch_size_bucket", "es_heartbeat_timestamp_seconds", "es_dead_letters_total",
-                 "es_redis_errors_total", "es_camera_up"):
+                 "es_redis_errors_total", "es_camera_up", "es_stage_phase_seconds_sum",
+                 "es_stage_phase_seconds_bucket", "es_stream_lag", "es_stream_pending"):
         assert name in used, name
     exprs = " ".join(t["expr"] for _, t in targets)
     for q in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({q}, sum by (le) (rate(es_end_to_end_seconds_bucket" in exprs
     assert "count by (job) (up" in exprs
+    assert "rate(process_cpu_seconds_total" in exprs  # cores used per stage
 
 
 def test_emotions_dashboard_has_emotions_over_time_and_the_current_mix() -> None:

@@ -115,6 +115,7 @@ def test_every_dashboard_panel_returns_data(tmp_path: Path, redis_server: RedisS
                 break
             time.sleep(2)
         assert not missing, "panels without data:\n" + "\n".join(missing)
+        _check_where_frames_wait(prom)
         rules = prom.get("/api/v1/rules")["data"]["groups"]
         assert rules and all(r["health"] == "ok" for g in rules for r in g["rules"]), rules
     finally:
@@ -126,3 +127,21 @@ def test_every_dashboard_panel_returns_data(tmp_path: Path, redis_server: RedisS
 
 def _empty_panels(prom: Prometheus) -> list[str]:
     return [f"{board} / {title}: {expr}" for board, title, expr in panel_queries() if not prom.query(expr)]
+
+
+def _check_where_frames_wait(prom: Prometheus) -> None:
+    """Each stage reports time in every phase and the cores it uses; a worker's phases cover its loop."""
+    for stage in ("ingest", "detect", "classify"):
+        for phase in ("wait", "work", "write"):
+            expr = f'es_stage_phase_seconds_sum{{job="{stage}", stage="{stage}", phase="{phase}"}} > 0'
+            assert prom.query(expr), f"no {phase} time from {stage}"
+        assert prom.query(f'rate(process_cpu_seconds_total{{job="{stage}"}}[30s]) > 0'), f"no CPU time from {stage}"
+    # One detect and one classify worker: their phases add up to the wall time of their loop
+    # (once their series are older than the rate's window).
+    wait_for(lambda: _loops_covered(prom), 45, interval=1.0, what="detect and classify phases covering their loops")
+
+
+def _loops_covered(prom: Prometheus) -> bool:
+    covered = prom.query('sum by (stage) (rate(es_stage_phase_seconds_sum{stage=~"detect|classify"}[10s]))')
+    return {r["metric"]["stage"] for r in covered} == {"detect", "classify"} and all(
+        0.8 < float(r["value"][1]) < 1.2 for r in covered)

@@ -11,7 +11,8 @@ If the write fails, the tracks are rolled back: the faces come again and must no
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -54,7 +55,8 @@ class Model:
 
 class Publisher:
     def __init__(self, r: Any, keys: Keys, opts: ClassifyOptions, group: str, metrics: PublishMetrics,
-                 model: Model, tracks: Tracks, transactional: bool) -> None:
+                 model: Model, tracks: Tracks, transactional: bool,
+                 writing: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
         self.r = r
         self.keys = keys
         self.opts = opts
@@ -63,6 +65,7 @@ class Publisher:
         self.model = model
         self.tracks = tracks
         self.transactional = transactional
+        self.writing = writing  # times the EXECs (the worker's write phase)
         self.live = LivePublisher(r)
 
     def publish(self, done: Sequence[Classified]) -> None:
@@ -73,14 +76,17 @@ class Publisher:
                 pipe = self.r.pipeline(transaction=True)
                 self._queue_outputs(pipe, events, track_events)
                 self._queue_acks(pipe, done)
-                pipe.execute()
+                with self.writing():
+                    pipe.execute()
             else:
                 outputs = self.r.pipeline(transaction=False)
                 self._queue_outputs(outputs, events, track_events)
-                outputs.execute()
+                with self.writing():
+                    outputs.execute()
                 acks = self.r.pipeline(transaction=False)
                 self._queue_acks(acks, done)
-                acks.execute()
+                with self.writing():
+                    acks.execute()
         except BaseException:
             self.tracks.restore_trackers(saved)
             self.live.pending.clear()

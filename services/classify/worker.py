@@ -85,7 +85,7 @@ class ClassifyWorker(StreamWorker):
         self._last_expiry = 0.0
         self.publisher = Publisher(r, self.keys, self.cfg, self.group, metrics,
                                    Model(tuple(classifier.classes), classifier.meta.version), self,
-                                   transactional=not is_cluster(r))
+                                   transactional=not is_cluster(r), writing=self.clock.writing)
         self.live = self.publisher.live
 
     @staticmethod
@@ -139,7 +139,8 @@ class ClassifyWorker(StreamWorker):
             pipe = self.slot_pipeline()
             for bad_entry, reason, detail in bad:
                 self.dead_letter(pipe, bad_entry, reason, detail)
-            pipe.execute()
+            with self.clock.writing():
+                pipe.execute()
 
     def idle(self) -> None:
         if self._due():
@@ -205,7 +206,8 @@ class ClassifyWorker(StreamWorker):
         pipe = self.slot_pipeline()
         for w, detail in failed:
             self.dead_letter(pipe, w.entry, "inference_error", detail)
-        pipe.execute()
+        with self.clock.writing():
+            pipe.execute()
 
     def _maybe_expire_tracks(self) -> None:
         """End tracks whose faces are gone; checked on every pass, so steady load does not stop it."""
@@ -219,7 +221,8 @@ class ClassifyWorker(StreamWorker):
     def _publish_tracks(self, ended: list[TrackEventMsg]) -> None:
         pipe = self.r.pipeline(transaction=False)
         self.publisher.queue_tracks(pipe, ended)
-        pipe.execute()
+        with self.clock.writing():
+            pipe.execute()
         self.live.flush()
 
     def _tracker(self, camera: str) -> CameraTracker:

@@ -261,7 +261,9 @@ class DetectWorker(StreamWorker):
             return
         self._execute(outputs)
         stream = self.keys.frames(camera)
-        if not self.leases.ack_if_held(camera, self.consumer, epoch, stream, self.group, [e.id for e in entries]):
+        with self.clock.writing():
+            held = self.leases.ack_if_held(camera, self.consumer, epoch, stream, self.group, [e.id for e in entries])
+        if not held:
             # Written but not acked: the new owner processes these frames again (same ids downstream).
             self._refused(camera, "lease taken by another worker before the acks")
 
@@ -281,7 +283,8 @@ class DetectWorker(StreamWorker):
     def _execute(self, pipe: Any) -> None:
         """Run the outputs; a refusal (OOM, READONLY, CLUSTERDOWN) is counted and raised: nothing is acked."""
         try:
-            pipe.execute()
+            with self.clock.writing():
+                pipe.execute()
         except redis.WatchError:
             raise
         except redis.RedisError as exc:

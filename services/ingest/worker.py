@@ -30,7 +30,7 @@ from shared.streams import (
     group_stats,
     refusal_reason,
 )
-from shared.worker import ChildStopper, Stopper
+from shared.worker import ChildStopper, PhaseClock, Stopper
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class CameraReader(threading.Thread):
         self._opened = False
         self._redis_retry_at = 0.0
         self._redis_refusal = "redis_unavailable"
+        self.clock = PhaseClock(metrics.phase, "ingest")
         self.metrics.up.labels(camera=cam.id).set(0)
 
     def run(self) -> None:
@@ -144,35 +145,50 @@ class CameraReader(threading.Thread):
 
     def _read_loop(self) -> None:
         while not self.stopper.stopping:
+            self.clock.start()
+            if self._pass():
+                return
+            self.clock.finish()
+
+    def _pass(self) -> bool:
+        """One frame: grab, decode and encode, publish; True ends the loop.
+
+        A live camera's grab waits for the camera; a file's grab decodes the next frame (work),
+        and the file waits for the frame's slot instead.
+        """
+        with self.clock.waiting() if not self.source.is_file else contextlib.nullcontext():
             try:
                 captured = self.source.grab()
             except EndOfStream:
                 log.info("camera %s: end of file", self.cam.id)
                 self._set_state(SourceState.ENDED)
-                return
+                return True
             except SourceError as exc:
                 self._fail(str(exc))
-                return
-            if self.stalled.is_set():
-                self._fail("frame-age watchdog: source hung")
-                return
-            self.last_frame = time.monotonic()
-            self._set_state(SourceState.UP)
-            self.metrics.read.labels(camera=self.cam.id).inc()
-            if not self._due():
-                continue  # thinned: grabbed but never decoded
-            if self.stopper.stopping:
-                self.metrics.drop(self.cam.id, "shutdown")  # read, but the camera is being stopped
-                return
-            try:
-                frame = self.source.retrieve()
-            except SourceError as exc:
-                self.metrics.drop(self.cam.id, "decode_error")
-                log.warning("camera %s: %s", self.cam.id, exc)
-                continue
-            # A file frame is "captured" when its pacing slot comes, as a camera would show it.
-            frame.capture_ts = time.time() if self.source.is_file else captured
-            self._publish(frame)
+                return True
+        if self.stalled.is_set():
+            self._fail("frame-age watchdog: source hung")
+            return True
+        self.last_frame = time.monotonic()
+        self._set_state(SourceState.UP)
+        self.metrics.read.labels(camera=self.cam.id).inc()
+        with self.clock.waiting():  # a file's pacing: the wait for the frame's slot
+            due = self._due()
+        if not due:
+            return False  # thinned: grabbed but never decoded
+        if self.stopper.stopping:
+            self.metrics.drop(self.cam.id, "shutdown")  # read, but the camera is being stopped
+            return True
+        try:
+            frame = self.source.retrieve()
+        except SourceError as exc:
+            self.metrics.drop(self.cam.id, "decode_error")
+            log.warning("camera %s: %s", self.cam.id, exc)
+            return False
+        # A file frame is "captured" when its pacing slot comes, as a camera would show it.
+        frame.capture_ts = time.time() if self.source.is_file else captured
+        self._publish(frame)
+        return False
 
     def _set_state(self, state: SourceState) -> None:
         if state is not self.state:
@@ -241,7 +257,9 @@ class CameraReader(threading.Thread):
             self.metrics.drop(self.cam.id, self._redis_refusal)
             return
         try:
-            if self._backlogged():
+            with self.clock.writing():
+                backlogged = self._backlogged()
+            if backlogged:
                 self.metrics.drop(self.cam.id, "backpressure")
                 return
         except TRANSIENT_ERRORS:
@@ -252,9 +270,11 @@ class CameraReader(threading.Thread):
         h, w = frame.image.shape[:2]
         scale = min(1.0, self.opts.max_width / w)
         try:
-            msg = FrameMsg(camera=self.cam.id, seq=self.seq.next(), capture_ts=frame.capture_ts,
-                           width=round(w * scale), height=round(h * scale), jpeg=jpeg)
-            self.r.xadd(self.stream, {FIELD: encode_frame(msg)}, maxlen=self.opts.stream_maxlen, approximate=True)
+            with self.clock.writing():
+                msg = FrameMsg(camera=self.cam.id, seq=self.seq.next(), capture_ts=frame.capture_ts,
+                               width=round(w * scale), height=round(h * scale), jpeg=jpeg)
+                self.r.xadd(self.stream, {FIELD: encode_frame(msg)}, maxlen=self.opts.stream_maxlen,
+                            approximate=True)
         except TRANSIENT_ERRORS as exc:
             # Out of memory and READONLY pass like an outage does: drop (counted), back off, go on.
             self._redis_refusal = refusal_reason(exc)

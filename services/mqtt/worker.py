@@ -125,8 +125,9 @@ class MqttWorker(StreamWorker):
     def handle(self, entries: list[Entry]) -> None:
         sent = [s for s in (self._send(e) for e in entries) if s is not None]
         self._publish_state()
-        results = self.link.wait_acked([m for s in sent for m in s.messages], self.opts.ack_timeout_s,
-                                       self._give_up_waiting, self.heartbeat.beat)
+        with self.clock.writing():  # the broker's PUBACKs: this stage's output
+            results = self.link.wait_acked([m for s in sent for m in s.messages], self.opts.ack_timeout_s,
+                                           self._give_up_waiting, self.heartbeat.beat)
         done: list[Entry] = []
         at = 0
         for s in sent:
@@ -139,7 +140,8 @@ class MqttWorker(StreamWorker):
             self._replay = True
             log.warning("%d of %d entries not acknowledged by the broker; they stay pending and are published again",
                         len(sent) - len(done), len(sent))
-        self._ack(done)
+        with self.clock.writing():
+            self._ack(done)
 
     def _give_up_waiting(self) -> bool:
         """On a stop, acks in flight get ``streams.drain_timeout_s`` (none while the broker is away);
