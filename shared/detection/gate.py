@@ -46,9 +46,9 @@ EXPLAINED_BODY = 0.0
 
 # Two faces overlapping this much (intersection over the smaller) are one face.
 SAME_FACE = 0.5
-# A hit inside a known face with a width of this share of the face's (low inclusive, high
-# exclusive) is a part of that face; a smaller one is another face, a larger one the face.
-PART_OF_FACE = (0.3, 0.6)
+# A hit overlapping a known face with at least this share of its width is that face; a smaller
+# one inside it is a part of it (when the search saw only part of the face) or another face.
+PART_OF_FACE = 0.6
 
 
 @dataclass
@@ -240,23 +240,24 @@ class GatedDetector:
 
     # New faces -------------------------------------------------------------------------------
 
-    def _add_hits(self, gray: UInt8Array, state: _GateState, hits: list[Box], now: float) -> None:
-        """Detector hits: each confirms the known face it overlaps, or is a new face."""
+    def _add_hits(self, gray: UInt8Array, state: _GateState, hits: list[Box], now: float,
+                  window: Box | None = None) -> None:
+        """Detector hits in ``window`` (None: the whole frame): each confirms the known face it
+        overlaps, or is a new face."""
         for hit in sorted(hits, key=lambda b: -b.w):
             same = [f for f in state.faces if overlap(hit, f.box) >= SAME_FACE]
             if not same:
                 state.faces.append(_Face(hit, now, now, look_of(gray, hit)))
                 continue
             face = max(same, key=lambda f: (f.present, f.confirmed))
-            share = hit.w / max(1, face.box.w)
-            if share < PART_OF_FACE[0]:
-                # far smaller than the known box: another face in front of or inside a large
-                # (often false) box, as whole-frame search keeps them apart
-                state.faces.append(_Face(hit, now, now, look_of(gray, hit)))
-            elif share >= PART_OF_FACE[1] or now - face.confirmed > self.motion_cfg.max_unconfirmed_s:
+            if hit.w >= PART_OF_FACE * face.box.w or now - face.confirmed > self.motion_cfg.max_unconfirmed_s:
                 self._confirm(gray, face, hit, now)
-            # else: Haar also fires on parts of a large face (the eyes and nose, the mouth) when
-            # a region holds only part of it: that is the face found lately, not a new one
+            elif window is None or _encloses(window, face.box):
+                # Haar saw the large box and kept this one apart: another face in front of or
+                # inside a large (often false) box, as whole-frame search reports them
+                state.faces.append(_Face(hit, now, now, look_of(gray, hit)))
+            # else: a region holding only part of a large face: Haar fires on its parts (the
+            # eyes and nose, the mouth); that is the face found lately, not a new one
 
     def _regions(self, state: _GateState, motion: Motion, now: float, w: int, h: int) -> list[Box]:
         """What changed (and now and then what differs from the background), less what a face
@@ -285,7 +286,7 @@ class GatedDetector:
             roi = np.ascontiguousarray(gray[region.y:region.y + region.h, region.x:region.x + region.w])
             searched += region.w * region.h
             hits = [Box(b.x + region.x, b.y + region.y, b.w, b.h) for b in self.base.detect(roi)]
-            self._add_hits(gray, state, hits, now)
+            self._add_hits(gray, state, hits, now, window=region)
         return searched
 
 
@@ -305,7 +306,12 @@ def _explained(change: Box, found: list[Box], lost: list[Box], cfg: DetectorSett
 
 def _similar(a: Box, b: Box) -> bool:
     """Sizes close enough for two overlapping boxes to be one face."""
-    return min(a.w, b.w) >= PART_OF_FACE[0] * max(a.w, b.w)
+    return min(a.w, b.w) >= PART_OF_FACE * max(a.w, b.w)
+
+
+def _encloses(outer: Box, inner: Box) -> bool:
+    return (outer.x <= inner.x and outer.y <= inner.y and inner.x + inner.w <= outer.x + outer.w
+            and inner.y + inner.h <= outer.y + outer.h)
 
 
 def _around(box: Box, expand: float) -> Box:
