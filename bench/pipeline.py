@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scenes", nargs="*", default=["door", "desk"], metavar="CLIP",
                    help="bench/scenes.py clips the cameras loop over, in turn (static cameras with people "
                         "walking in; default: %(default)s); none: the panning sample video for every camera")
+    p.add_argument("--videos", nargs="+", type=Path, default=None, metavar="FILE",
+                   help="video files the cameras loop over, in turn, instead of --scenes (e.g. the real clips "
+                        "in ../shared/data/video/*.mp4)")
     p.add_argument("--downscale-width", type=int, default=None, help="detector.downscale_width (0 = full frame)")
     p.add_argument("--min-neighbors", type=int, default=None, help="detector.min_neighbors")
     p.add_argument("--scale-factor", type=float, default=None, help="detector.scale_factor")
@@ -638,6 +641,11 @@ def print_summary(results: list[dict[str, Any]]) -> None:
 
 
 def make_videos(args: argparse.Namespace, folder: Path) -> list[Path]:
+    if args.videos:
+        missing = [str(v) for v in args.videos if not v.is_file()]
+        if missing:
+            raise SystemExit(f"no such video: {', '.join(missing)}")
+        return [v.resolve() for v in args.videos]
     if not args.scenes:
         clip = max(1, round(args.fps * args.clip_seconds))
         frames = benchlib.sample_frames(clip, args.width, args.height)
@@ -677,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"fps": args.fps, "seconds": args.seconds, "warmup": args.warmup,
                 "detect_workers": args.detect_workers, "width": args.width, "height": args.height,
                 "clip_seconds": args.clip_seconds, "scenes": args.scenes,
+                "videos": [str(v) for v in args.videos] if args.videos else None,
                 "detector_env": detector_env(args), "runtime": args.runtime,
                 "model": str(args.model) if args.model else "shipped",
                 "extra_env": args.env}
