@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -150,3 +151,22 @@ def _safe(check: Callable[[], tuple[bool, str]]) -> tuple[bool, str]:
         return check()
     except Exception as exc:  # a readiness probe must answer, whatever broke
         return False, f"{type(exc).__name__}: {exc}"
+
+
+class ServedWorker(Protocol):
+    heartbeat: Heartbeat
+
+    def ready(self) -> tuple[bool, str]: ...
+
+    def run(self) -> object: ...
+
+
+def run_served(cfg: MetricsSettings, registry: CollectorRegistry, worker: ServedWorker) -> int:
+    """Run a service's worker with its metrics and health served beside it (when enabled)."""
+    server = HealthServer(cfg, registry, worker.heartbeat, worker.ready).start() if cfg.enabled else None
+    try:
+        worker.run()
+    finally:
+        if server is not None:
+            server.stop()
+    return 0

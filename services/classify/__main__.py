@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from services.classify.settings import ClassifySettings
 from services.classify.worker import ClassifyMetrics, ClassifyWorker
 from shared.classifier import load_classifier
-from shared.health import HealthServer
+from shared.health import run_served
 from shared.model_bundle import BundleError
 from shared.service import service_main
 from shared.streams import connect
@@ -32,15 +32,7 @@ def run(settings: ClassifySettings) -> int:
     registry = CollectorRegistry()
     metrics = ClassifyMetrics(registry)
     worker = ClassifyWorker(settings, connect(settings.redis), classifier, metrics, stopper)
-    server = None
-    if settings.metrics.enabled:
-        server = HealthServer(settings.metrics, registry, worker.heartbeat, worker.ready).start()
-    try:
-        worker.run()
-    finally:
-        if server is not None:
-            server.stop()
-    return 0
+    return run_served(settings.metrics, registry, worker)
 
 
 def main(argv: list[str] | None = None) -> int:

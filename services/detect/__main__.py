@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from services.detect.settings import DetectSettings
 from services.detect.worker import DetectMetrics, DetectWorker
 from shared.detection import make_camera_detector
-from shared.health import HealthServer
+from shared.health import run_served
 from shared.service import service_main
 from shared.streams import connect
 from shared.worker import Stopper
@@ -32,15 +32,7 @@ def run(settings: DetectSettings) -> int:
     registry = CollectorRegistry()
     metrics = DetectMetrics(registry)
     worker = DetectWorker(settings, connect(settings.redis), detector, metrics, stopper)
-    server = None
-    if settings.metrics.enabled:
-        server = HealthServer(settings.metrics, registry, worker.heartbeat, worker.ready).start()
-    try:
-        worker.run()
-    finally:
-        if server is not None:
-            server.stop()
-    return 0
+    return run_served(settings.metrics, registry, worker)
 
 
 def main(argv: list[str] | None = None) -> int:

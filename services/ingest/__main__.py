@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from services.ingest.settings import IngestSettings
 from services.ingest.worker import IngestMetrics, IngestWorker
-from shared.health import HealthServer
+from shared.health import run_served
 from shared.service import service_main
 from shared.settings import mask_url
 from shared.streams import connect
@@ -25,16 +25,8 @@ def run(settings: IngestSettings) -> int:
     metrics = IngestMetrics(registry)
     r = connect(settings.redis)
     worker = IngestWorker(settings, r, metrics, stopper)
-    server = None
-    if settings.metrics.enabled:
-        server = HealthServer(settings.metrics, registry, worker.heartbeat, worker.ready).start()
     log.info("ingest: %d cameras -> %s", len(settings.cameras), mask_url(settings.redis.url))
-    try:
-        worker.run()
-    finally:
-        if server is not None:
-            server.stop()
-    return 0
+    return run_served(settings.metrics, registry, worker)
 
 
 def main(argv: list[str] | None = None) -> int:

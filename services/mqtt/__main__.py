@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from services.mqtt.settings import MqttSettings
 from services.mqtt.worker import MqttMetrics, MqttWorker
-from shared.health import HealthServer
+from shared.health import run_served
 from shared.service import service_main
 from shared.settings import mask_url
 from shared.streams import connect
@@ -25,15 +25,7 @@ def run(settings: MqttSettings) -> int:
     metrics = MqttMetrics(registry)
     worker = MqttWorker(settings, connect(settings.redis), metrics, stopper)
     log.info("publishing to %s under %s/", mask_url(settings.mqtt.url), settings.mqtt.topic_prefix)
-    server = None
-    if settings.metrics.enabled:
-        server = HealthServer(settings.metrics, registry, worker.heartbeat, worker.ready).start()
-    try:
-        worker.run()
-    finally:
-        if server is not None:
-            server.stop()
-    return 0
+    return run_served(settings.metrics, registry, worker)
 
 
 def main(argv: list[str] | None = None) -> int:
