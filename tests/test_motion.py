@@ -309,3 +309,20 @@ def test_the_whole_frame_is_still_searched_every_full_search_s() -> None:
     assert reasons[0] == "first" and reasons[at] == "interval"
     assert [r for i, r in enumerate(reasons) if i not in (0, at)] == [None] * 59
     assert counting.calls == 2
+
+
+def test_a_frame_no_wider_than_the_motion_copy_is_searched_whole_on_every_frame() -> None:
+    # A 128 x 96 camera (a thumbnail stream): gating would cost about a whole-frame search, and
+    # Haar's flicker on faces this small is only caught by looking on every frame.
+    small = np.ascontiguousarray(cv2.resize(with_face(), (128, 96), interpolation=cv2.INTER_AREA))
+    counting = CountingDetector()
+    detector = gated(counting)
+    for i in range(6):
+        detector.detect(small, "thumb", i * FPS_STEP_S)
+        assert detector.last is not None and detector.last.searched == 1.0, (i, detector.last)
+        assert detector.last.full_reason == ("first" if i == 0 else "small_frame"), (i, detector.last)
+    # The same still view at full size is not searched again between safety nets.
+    large = gated()
+    for i in range(6):
+        large.detect(with_face(), "big", i * FPS_STEP_S)
+    assert large.last is not None and large.last.full_reason is None and large.last.searched < 1.0

@@ -164,7 +164,8 @@ def overlap(a: Box, b: Box) -> float:
 class GateReport:
     """What the last frame cost: why the whole frame was searched (if it was) and how much was searched."""
 
-    full_reason: str | None  # first | scene_change | camera_motion | large_motion | crowded | interval
+    full_reason: str | None  # first | small_frame | scene_change | camera_motion | large_motion | crowded
+    # | interval
     searched: float  # fraction of the frame's pixels run through the detector
     moved: float  # fraction of the frame that changed
     skipped: bool  # no detector run at all: nothing moved, and the faces known (if any) were still

@@ -87,8 +87,8 @@ class GatedDetector:
             state = self._cameras[camera] = _GateState(MotionAnalyzer(self.motion_cfg))
         motion = state.motion.update(gray)
         self._move_with_view(state, motion)
-        reason = self._full_reason(state, motion, now)
         h, w = gray.shape[:2]
+        reason = self._full_reason(state, motion, now, w)
         regions: list[Box] = []
         if reason is None:
             regions = self._regions(state, motion, now, w, h)
@@ -138,10 +138,15 @@ class GatedDetector:
             for face in state.faces:
                 face.box = Box(face.box.x + dx, face.box.y + dy, face.box.w, face.box.h)
 
-    def _full_reason(self, state: _GateState, motion: Motion, now: float) -> str | None:
+    def _full_reason(self, state: _GateState, motion: Motion, now: float, width: int) -> str | None:
         cfg = self.motion_cfg
         if motion.kind == "first":
             return "first"
+        if width <= cfg.width:
+            # The motion copy is no smaller than the frame itself: gating costs about what a
+            # whole-frame search does, and Haar's flicker on tiny faces is only caught by looking
+            # on every frame.
+            return "small_frame"
         if motion.kind == "cut":
             return "scene_change"
         if motion.kind == "camera" and now - state.last_full >= cfg.camera_search_s:
