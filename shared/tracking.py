@@ -3,6 +3,9 @@
 Faces are matched to tracks by IoU (greedy, best pairs first), falling back to centre
 distance (and a similar size) for fast motion and for a face found again where it was lost; a
 track survives ``max_gap_s`` without a match (and, where set, ``max_missed`` frames). Each
+track that ended is remembered for ``return_s``: a face found again at the same place and size
+takes its id back, with a new ``started`` event (a seated person who looked away is one id, and
+the ``ended`` still comes ``max_gap_s`` after they were last seen). Each
 track keeps an exponential moving average of the class probabilities, and its current
 emotion changes only when another class leads the average by ``switch_margin`` for
 ``hold_frames`` consecutive frames. Track-level events: started, changed, ended.
@@ -35,6 +38,15 @@ class TrackerSettings(BaseModel):
     max_gap_s: float = Field(2.0, gt=0, le=3600,
                              description="a track not seen this long has ended; a face found again near where "
                                          "it was lost within this time keeps its track id")
+    return_s: float = Field(10.0, ge=0, le=3600,
+                            description="an ended track's id is given back to a face found at the same place and "
+                                        "size within this time (a seated person who looked away); 0 = never")
+    return_distance: float = Field(0.5, ge=0, le=5,
+                                   description="a returning face's centre shift from where its track ended, in face "
+                                               "widths")
+    return_size_ratio: float = Field(1.4, ge=1.0, le=10.0,
+                                     description="how much larger or smaller than its ended track a returning face "
+                                                 "may be")
     size_ratio: float = Field(1.6, ge=1.0, le=10.0,
                               description="a face matched by centre distance alone is at most this much larger or "
                                           "smaller than the track's last box")
@@ -93,6 +105,7 @@ class CameraTracker:
         self.classes = tuple(classes)
         self.cfg = cfg
         self.tracks: list[Track] = []
+        self.ended: list[Track] = []  # for return_s: ids that a face back at the same place takes again
         self._next_id = first_id
         self.last_ts = 0.0
 
@@ -115,9 +128,10 @@ class CameraTracker:
             ids[det_index] = track.id
             matched_tracks.add(track.id)
             events.extend(self._observe(track, detections[det_index], ts))
+        returning = self._returning(detections, pairs, ts)
         for det_index, det in enumerate(detections):
             if det_index not in pairs:
-                track = self._start(det, ts)
+                track = self._start(det, ts, returning.get(det_index))
                 ids[det_index] = track.id
                 matched_tracks.add(track.id)
                 events.append(self._event("started", track, ts))
@@ -136,12 +150,13 @@ class CameraTracker:
         now = time.monotonic() if now is None else now
         done = [t for t in self.tracks if now - t.seen_at > self.cfg.max_gap_s]
         self.tracks = [t for t in self.tracks if t not in done]
+        self._remember(done)
         return [self._ended(t, t.last_seen) for t in done]
 
     def flush(self) -> list[TrackEvent]:
         """End every track (camera removed or shutting down)."""
         events = [self._ended(t, t.last_seen) for t in self.tracks]
-        self.tracks = []
+        self.tracks, self.ended = [], []
         return events
 
     def _advance(self, ts: float) -> None:
@@ -167,12 +182,33 @@ class CameraTracker:
             used.add(track.id)
         return pairs
 
-    def _start(self, det: Detection, ts: float) -> Track:
+    def _returning(self, detections: Sequence[Detection], pairs: dict[int, Track], ts: float) -> dict[int, int]:
+        """Ended tracks' ids taken back by unmatched faces at the same place and size (closest first)."""
+        self.ended = [t for t in self.ended if ts - t.last_seen <= self.cfg.return_s]
+        candidates = sorted(
+            (centre_shift(det.box, t.box), di, t.id) for di, det in enumerate(detections) if di not in pairs
+            for t in self.ended
+            if centre_shift(det.box, t.box) <= self.cfg.return_distance
+            and size_ratio(det.box, t.box) <= self.cfg.return_size_ratio)
+        back: dict[int, int] = {}
+        for _, di, tid in candidates:
+            if di not in back and tid not in back.values():
+                back[di] = tid
+        self.ended = [t for t in self.ended if t.id not in back.values()]
+        return back
+
+    def _remember(self, done: Sequence[Track]) -> None:
+        if self.cfg.return_s > 0:
+            self.ended.extend(done)
+
+    def _start(self, det: Detection, ts: float, track_id: int | None = None) -> Track:
         probs = np.asarray(det.probs, dtype=np.float64)
         state = int(np.argmax(probs))
-        track = Track(id=self._next_id, box=det.box, smoothed=probs.copy(), state=state, started=ts,
+        if track_id is None:
+            track_id = self._next_id
+            self._next_id += 1
+        track = Track(id=track_id, box=det.box, smoothed=probs.copy(), state=state, started=ts,
                       state_since=ts, last_seen=ts)
-        self._next_id += 1
         self.tracks.append(track)
         return track
 
@@ -202,6 +238,7 @@ class CameraTracker:
         done = [t for t in self.tracks
                 if (too_many and t.missed > self.cfg.max_missed) or ts - t.last_seen > self.cfg.max_gap_s]
         self.tracks = [t for t in self.tracks if t not in done]
+        self._remember(done)
         return [self._ended(t, ts) for t in done]
 
     def _ended(self, track: Track, ts: float) -> TrackEvent:

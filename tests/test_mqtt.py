@@ -160,6 +160,8 @@ def test_mqtt_state_counts_tracked_faces_and_picks_the_dominant_smoothed_emotion
     assert (presence.summaries()["door"].emotion, presence.summaries()["door"].faces) == ("Sad", 1)
     track("ended", 2, "Sad")
     assert (presence.summaries()["door"].emotion, presence.summaries()["door"].faces) == ("none", 0)
+    track("started", 1, "Fear")  # track 1's person back where they were: its id returns
+    assert (presence.summaries()["door"].emotion, presence.summaries()["door"].faces) == ("Fear", 1)
 
 
 # ------------------------------------------------------------------------------------ with servers

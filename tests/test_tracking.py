@@ -37,7 +37,7 @@ def test_two_faces_crossing_keep_their_ids() -> None:
 
 
 def test_a_missed_detection_or_two_keeps_the_track_and_a_long_absence_ends_it() -> None:
-    t = tracker(max_missed=2)
+    t = tracker(max_missed=2, return_s=0)
     face = Detection(Box(100, 100, 80, 80), onehot(HAPPY))
     first, _ = t.update(0.0, [face])
     t.update(0.1, [])
@@ -49,6 +49,26 @@ def test_a_missed_detection_or_two_keeps_the_track_and_a_long_absence_ends_it() 
     assert [e.kind for e in events] == ["ended"]
     back, events = t.update(1.0, [face])
     assert back != first and [e.kind for e in events] == ["started"]
+
+
+def test_a_person_back_at_the_same_place_within_return_s_takes_their_id_back() -> None:
+    # A seated person looks away for 6 s: their track ends after max_gap_s, as ever, and when the
+    # face is found again where it was, at its size, the id comes back with a new "started".
+    t = tracker()
+    seated = Box(100, 100, 80, 80)
+    (first,), _ = t.update(0.0, [Detection(seated, onehot(HAPPY))])
+    _, events = t.update(2.5, [Detection(Box(400, 100, 80, 80), onehot(SAD))])  # someone else, elsewhere
+    assert [(e.kind, e.track_id) for e in events] == [("started", first + 1), ("ended", first)]
+    back, events = t.update(6.0, [Detection(Box(110, 95, 84, 84), onehot(HAPPY))])
+    assert back == [first] and [(e.kind, e.track_id) for e in events] == [("started", first), ("ended", first + 1)]
+    # Not at the same place, or not of the same size, or after return_s: a new person.
+    t.update(8.5, [])
+    (other,), _ = t.update(9.0, [Detection(Box(160, 100, 80, 80), onehot(HAPPY))])
+    t.update(11.5, [])
+    (larger,), _ = t.update(12.0, [Detection(Box(90, 90, 120, 120), onehot(HAPPY))])
+    t.update(14.5, [])
+    (late,), _ = t.update(30.0, [Detection(seated, onehot(HAPPY))])
+    assert len({first, other, larger, late}) == 4, (first, other, larger, late)
 
 
 def test_flickering_labels_do_not_flicker_after_smoothing() -> None:

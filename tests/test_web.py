@@ -195,6 +195,10 @@ def test_live_state_keeps_the_newest_frame_faces_the_mix_and_track_timelines() -
     assert len(bins) == 24 and sum(b["counts"].get("Happy", 0) for b in bins) == 3
     assert sum(b["counts"].get("Sad", 0) for b in bins) == 1
     assert state.history("a", 60.0, 5.0)[-1]["counts"] == {"Happy": 1}  # the newest bin holds the newest face
+    state.add_tracks([TrackEventMsg("ended", "a", 7, now - 8, "Happy", 0.9),
+                      TrackEventMsg("started", "a", 7, now - 2, "Neutral", 0.7)])  # back where they were
+    (track,) = state.tracks("a")
+    assert track["state"] == "active" and track["emotion"] == "Neutral", track
 
 
 # ----------------------------------------------------------------------------- the event feed, as a process

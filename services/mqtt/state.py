@@ -65,7 +65,9 @@ class Presence:
             cam.ended.append(te.track_id)
             return
         if te.track_id in cam.ended:
-            return
+            if te.kind != "started":
+                return
+            cam.ended.remove(te.track_id)  # the same person back where they were: the id returns
         cam.faces[te.track_id] = Face(te.emotion, te.confidence, self.clock())
 
     def event(self, ev: EventMsg) -> None:

@@ -85,6 +85,8 @@ class LiveState:
         if view is None:
             view = TrackView(te.camera, te.track_id, started=te.ts)
             self._tracks[key] = view
+        if te.kind == "started" and view.ended is not None:
+            view.ended = None  # the same person back where they were: the track goes on
         if te.kind == "started" or (te.kind == "changed" and view.emotion != te.emotion):
             view.segments.append(Segment(te.ts, te.emotion, te.confidence))
         elif te.kind == "ended":
