@@ -8,6 +8,7 @@ deterministic.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import cv2
@@ -326,3 +327,23 @@ def test_a_frame_no_wider_than_the_motion_copy_is_searched_whole_on_every_frame(
     for i in range(6):
         large.detect(with_face(), "big", i * FPS_STEP_S)
     assert large.last is not None and large.last.full_reason is None and large.last.searched < 1.0
+
+
+def test_cameras_started_together_run_their_safety_net_searches_on_different_frames() -> None:
+    # Eight cameras starting at once would search their whole frames together every full_search_s:
+    # a burst that all their frames queue behind. Each camera keeps its own phase.
+    settings = DetectorSettings()  # full_search_s 1 s, foreground_recheck_s 1 s
+    detector = make_camera_detector(settings, base=CountingDetector())
+    frame = with_face()
+    interval_frames: dict[str, list[int]] = {"cam-a": [], "cam-b": []}
+    for i in range(40):  # 4 s at 10 fps
+        for camera, frames in interval_frames.items():
+            detector.detect(frame, camera, i * FPS_STEP_S)
+            assert detector.last is not None
+            if detector.last.full_reason == "interval":
+                frames.append(i)
+    a, b = interval_frames["cam-a"], interval_frames["cam-b"]
+    assert len(a) >= 3 and len(b) >= 3, interval_frames
+    assert not set(a) & set(b), interval_frames
+    for frames in (a, b):  # still every full_search_s
+        assert all(later - earlier == 10 for earlier, later in itertools.pairwise(frames)), interval_frames

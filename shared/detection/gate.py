@@ -44,6 +44,9 @@ EXPLAINED_SHARE = 0.7
 EXPLAINED_MARGIN = 0.45
 EXPLAINED_BODY = 0.0
 
+# Phases of cameras' periodic searches are multiples of the golden ratio's fraction.
+GOLDEN = 0.6180339887
+
 # Two faces overlapping this much (intersection over the smaller) are one face.
 SAME_FACE = 0.5
 # A hit overlapping a known face with at least this share of its width is that face; a smaller
@@ -68,6 +71,7 @@ class _GateState:
     last_full: float = float("-inf")
     last_foreground: float = float("-inf")
     last_frame: float = float("-inf")
+    phase: float = 0.0  # of the camera's periodic searches, as a fraction of their interval
 
 
 class GatedDetector:
@@ -78,13 +82,17 @@ class GatedDetector:
         self.cfg = cfg
         self.motion_cfg = cfg.motion
         self._cameras: dict[str, _GateState] = {}
+        self._met = 0  # cameras seen so far
         self.last: GateReport | None = GateReport(None, 0.0, 0.0, False)
 
     def detect(self, gray: UInt8Array, camera: str = "", ts: float | None = None) -> list[Box]:
         now = time.monotonic() if ts is None else ts
         state = self._cameras.get(camera)
         if state is None:
-            state = self._cameras[camera] = _GateState(MotionAnalyzer(self.motion_cfg))
+            # 0, .62, .24, .85, .47, ...: phases that stay spread out however many cameras come
+            phase = self._met * GOLDEN % 1.0
+            self._met += 1
+            state = self._cameras[camera] = _GateState(MotionAnalyzer(self.motion_cfg), phase=phase)
         motion = state.motion.update(gray)
         self._move_with_view(state, motion)
         h, w = gray.shape[:2]
@@ -107,6 +115,8 @@ class GatedDetector:
             self._add_hits(gray, state, self.base.detect(gray), now)
             searched += w * h
             state.last_full = state.last_foreground = now
+            if reason == "first":
+                self._stagger(state)
         self._forget_old(state, now)
         state.last_frame = now
         self.last = GateReport(reason, min(1.0, searched / max(1, w * h)), motion.fraction,
@@ -116,6 +126,13 @@ class GatedDetector:
     def forget(self, camera: str) -> None:
         """Drop a camera's state (another worker took it over, or it was removed)."""
         self._cameras.pop(camera, None)
+
+    def _stagger(self, state: _GateState) -> None:
+        """Cameras started together would run their safety-net and background searches on the same
+        frames, second after second: a burst that every camera's frames queue behind. Each camera
+        gets its own phase within the interval (from its name, so any worker gives it the same)."""
+        state.last_full -= state.phase * self.motion_cfg.full_search_s
+        state.last_foreground -= state.phase * self.motion_cfg.foreground_recheck_s
 
     def _planned(self, state: _GateState, regions: list[Box], now: float) -> int:
         """Pixels this frame would run through the detector without a whole-frame search."""
