@@ -57,6 +57,13 @@ class MotionSettings(BaseModel):
                                        description="when regions cover more of the frame than this, search it whole")
     full_search_s: float = Field(1.0, ge=0.0, le=3600.0,
                                  description="safety net: search the whole frame at least this often (0 = never)")
+    behind_s: float = Field(0.4, ge=0.0, le=60.0,
+                            description="a frame at least this old (capture to detection) means detect is behind: "
+                                        "its periodic searches then wait behind_search_s (0 = never relieved)")
+    behind_search_s: float = Field(3.0, ge=0.0, le=3600.0,
+                                   description="while detect is behind, the whole-frame safety net and the search "
+                                               "of what differs from the background run at most this often (fewer "
+                                               "searches lose less than frames dropped as stale)")
     camera_search_s: float = Field(0.5, ge=0.0, le=60.0,
                                    description="while the camera moves, whole-frame search at most this often; "
                                                "known faces are followed in between")
@@ -73,7 +80,7 @@ class MotionSettings(BaseModel):
     follow_min_score: float = Field(0.5, ge=-1.0, le=1.0,
                                     description="how closely (normalised cross-correlation) the face's look must "
                                                 "match for it to be followed without a detector run")
-    max_unconfirmed_s: float = Field(1.0, ge=0.0, le=60.0,
+    max_unconfirmed_s: float = Field(0.6, ge=0.0, le=60.0,
                                      description="a face the detector has not found for this long is no longer "
                                                  "reported (its look alone does not keep it longer)")
     forget_after_s: float = Field(2.0, ge=0.0, le=60.0,

@@ -41,7 +41,7 @@ class TrackerSettings(BaseModel):
     return_s: float = Field(10.0, ge=0, le=3600,
                             description="an ended track's id is given back to a face found at the same place and "
                                         "size within this time (a seated person who looked away); 0 = never")
-    return_distance: float = Field(0.5, ge=0, le=5,
+    return_distance: float = Field(0.75, ge=0, le=5,
                                    description="a returning face's centre shift from where its track ended, in face "
                                                "widths")
     return_size_ratio: float = Field(1.4, ge=1.0, le=10.0,

@@ -347,3 +347,60 @@ def test_cameras_started_together_run_their_safety_net_searches_on_different_fra
     assert not set(a) & set(b), interval_frames
     for frames in (a, b):  # still every full_search_s
         assert all(later - earlier == 10 for earlier, later in itertools.pairwise(frames)), interval_frames
+
+
+def test_a_worker_that_is_behind_runs_the_safety_net_less_often_and_says_so() -> None:
+    # Frames that reach detection behind_s late or later: the whole-frame safety net (a large
+    # share of a busy camera's detector time) waits behind_search_s, not full_search_s.
+    settings = DetectorSettings()  # full_search_s 1 s, behind_s 0.4 s, behind_search_s 3 s
+    motion = settings.motion
+    assert motion.behind_search_s > motion.full_search_s > 0 < motion.behind_s
+    frame = with_face()
+
+    def safety_nets(lag_s: float) -> tuple[list[int], list[int]]:
+        detector = make_camera_detector(settings, base=CountingDetector())
+        nets, relieved = [], []
+        for i in range(91):  # 9 s at 10 fps
+            detector.detect(frame, "cam", i * FPS_STEP_S, lag_s=lag_s)
+            assert detector.last is not None
+            if detector.last.full_reason == "interval":
+                nets.append(i)
+            if detector.last.relieved:
+                relieved.append(i)
+        return nets, relieved
+
+    on_time, relieved = safety_nets(lag_s=0.1)
+    assert not relieved and len(on_time) >= 8, (on_time, relieved)
+    assert all(b - a == 10 for a, b in itertools.pairwise(on_time)), on_time
+    late, relieved = safety_nets(lag_s=motion.behind_s)
+    assert len(late) >= 2 and all(b - a == 30 for a, b in itertools.pairwise(late)), late
+    # Every frame from full_search_s to behind_search_s after a whole-frame search (the
+    # first frame's, then each safety net's) had the safety net due and put off.
+    assert relieved == [n + k for n in [0, *late] for k in range(10, 30) if n + k <= 90], (late, relieved)
+
+
+def test_a_worker_that_is_behind_searches_what_differs_from_the_background_less_often() -> None:
+    # Something left standing still (here a textured patch, no face) differs from the learnt
+    # background: it is searched every foreground_recheck_s, or every behind_search_s when late.
+    settings = DetectorSettings(motion=MotionSettings(full_search_s=0))  # no safety net here
+    motion = settings.motion
+    frame = COFFEE.copy()
+    frame[150:210, 100:160] = np.random.default_rng(7).integers(0, 256, (60, 60), dtype=np.uint8)
+
+    def searches(lag_s: float) -> list[int]:
+        detector = make_camera_detector(settings, base=CountingDetector())
+        for i in range(5):
+            detector.detect(COFFEE, "hall", i * FPS_STEP_S, lag_s=lag_s)
+        done = []
+        for i in range(5, 96):  # the patch appears, then stays for 9 s
+            detector.detect(frame, "hall", i * FPS_STEP_S, lag_s=lag_s)
+            assert detector.last is not None and detector.last.full_reason is None, (i, detector.last)
+            if detector.last.searched > 0:
+                done.append(i)
+        return done
+
+    on_time, late = searches(0.0), searches(motion.behind_s)
+    assert on_time[0] == late[0] == 5, (on_time, late)  # the change itself, at once either way
+    gap, late_gap = round(motion.foreground_recheck_s / FPS_STEP_S), round(motion.behind_search_s / FPS_STEP_S)
+    assert all(b - a == gap for a, b in itertools.pairwise(on_time[1:])) and len(on_time) >= 8, on_time
+    assert all(b - a == late_gap for a, b in itertools.pairwise(late[1:])) and len(late) >= 3, late

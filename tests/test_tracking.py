@@ -63,7 +63,7 @@ def test_a_person_back_at_the_same_place_within_return_s_takes_their_id_back() -
     assert back == [first] and [(e.kind, e.track_id) for e in events] == [("started", first), ("ended", first + 1)]
     # Not at the same place, or not of the same size, or after return_s: a new person.
     t.update(8.5, [])
-    (other,), _ = t.update(9.0, [Detection(Box(160, 100, 80, 80), onehot(HAPPY))])
+    (other,), _ = t.update(9.0, [Detection(Box(200, 100, 80, 80), onehot(HAPPY))])
     t.update(11.5, [])
     (larger,), _ = t.update(12.0, [Detection(Box(90, 90, 120, 120), onehot(HAPPY))])
     t.update(14.5, [])

@@ -59,6 +59,10 @@ class DetectMetrics(CommonMetrics):
                                   buckets=FRACTION_BUCKETS, registry=registry)
         self.full_searches = Counter("es_detect_full_searches_total", "Whole-frame searches, by reason",
                                      ["camera", "reason"], registry=registry)
+        self.relieved = Counter("es_detect_relieved_frames_total",
+                                "Frames whose whole-frame safety net was due but put off because detect is behind "
+                                "(the frame was detector.motion.behind_s old or older)", ["camera"],
+                                registry=registry)
         self.owned = Gauge("es_detect_cameras_owned", "Cameras whose frames this worker handles", registry=registry)
         self.lease_conflicts = Counter("es_detect_lease_conflicts_total",
                                        "Batches discarded because a camera's lease changed hands while they ran",
@@ -336,11 +340,11 @@ class DetectWorker(StreamWorker):
         if image.shape[0] * image.shape[1] > self.cfg.detect.max_pixels:
             self._reject(pipe, entry, camera, "too_large", f"decoded {image.shape[1]}x{image.shape[0]}")
             return
-        self._detect(pipe, msg, image, started)
+        self._detect(pipe, msg, image, started, age)
 
-    def _detect(self, pipe: Any, msg: FrameMsg, image: np.ndarray, started: float) -> None:
+    def _detect(self, pipe: Any, msg: FrameMsg, image: np.ndarray, started: float, age: float) -> None:
         geometry = self.geometries.get(msg.camera)
-        boxes = self.detector.detect(blank(image, geometry), msg.camera, msg.capture_ts)
+        boxes = self.detector.detect(blank(image, geometry), msg.camera, msg.capture_ts, lag_s=age)
         if geometry is not None and geometry.mask:
             boxes = self._unmasked(geometry, msg.camera, boxes, image)
         # Crops come from the frame as it is: a face beside the mask keeps its own pixels.
@@ -384,6 +388,8 @@ class DetectWorker(StreamWorker):
             self.metrics.motionless.labels(camera=camera).inc()
         if report.full_reason is not None:
             self.metrics.full_searches.labels(camera=camera, reason=report.full_reason).inc()
+        if report.relieved:
+            self.metrics.relieved.labels(camera=camera).inc()
 
     def _reject(self, pipe: Any, entry: Entry, camera: str, reason: str, detail: str) -> None:
         self.metrics.drop(camera, reason)

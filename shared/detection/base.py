@@ -169,6 +169,7 @@ class GateReport:
     searched: float  # fraction of the frame's pixels run through the detector
     moved: float  # fraction of the frame that changed
     skipped: bool  # no detector run at all: nothing moved, and the faces known (if any) were still
+    relieved: bool = False  # the safety net was due but put off: detect is behind (motion.behind_s)
 
 
 def make_detector(cfg: DetectorSettings) -> Detector:
@@ -180,8 +181,9 @@ class CameraDetector(Protocol):
 
     last: GateReport | None  # what the last frame cost, where the detector knows
 
-    def detect(self, gray: UInt8Array, camera: str = "", ts: float | None = None) -> list[Box]:
-        """Faces in one grey frame of ``camera`` captured at ``ts`` (seconds)."""
+    def detect(self, gray: UInt8Array, camera: str = "", ts: float | None = None, lag_s: float = 0.0) -> list[Box]:
+        """Faces in one grey frame of ``camera`` captured at ``ts`` (seconds), ``lag_s`` seconds
+        after its capture (how far the caller is behind; a detector may do less when it is)."""
 
     def forget(self, camera: str) -> None:
         """Drop the camera's state."""
@@ -195,7 +197,7 @@ class EveryFrame:
     def __init__(self, base: Detector) -> None:
         self.base = base
 
-    def detect(self, gray: UInt8Array, camera: str = "", ts: float | None = None) -> list[Box]:
+    def detect(self, gray: UInt8Array, camera: str = "", ts: float | None = None, lag_s: float = 0.0) -> list[Box]:
         return self.base.detect(gray)
 
     def forget(self, camera: str) -> None:

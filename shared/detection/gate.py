@@ -15,7 +15,9 @@ Each frame of a camera:
    head explains, and now and then where the picture differs from the background (people
    standing still); the whole frame is searched on a camera's first frame, on a scene cut, at
    most every ``camera_search_s`` while the camera moves, when the regions would cover most of
-   the frame anyway, and every ``full_search_s`` as a safety net.
+   the frame anyway, and every ``full_search_s`` as a safety net. While frames reach detection
+   ``behind_s`` late or later, the safety net and the background search wait ``behind_search_s``:
+   rarer searches lose less than the frames a worker that cannot keep up would drop.
 
 A still scene with still faces costs one small resize, two differences and, now and then, a
 search around each face.
@@ -85,7 +87,7 @@ class GatedDetector:
         self._met = 0  # cameras seen so far
         self.last: GateReport | None = GateReport(None, 0.0, 0.0, False)
 
-    def detect(self, gray: UInt8Array, camera: str = "", ts: float | None = None) -> list[Box]:
+    def detect(self, gray: UInt8Array, camera: str = "", ts: float | None = None, lag_s: float = 0.0) -> list[Box]:
         now = time.monotonic() if ts is None else ts
         state = self._cameras.get(camera)
         if state is None:
@@ -96,10 +98,11 @@ class GatedDetector:
         motion = state.motion.update(gray)
         self._move_with_view(state, motion)
         h, w = gray.shape[:2]
-        reason = self._full_reason(state, motion, now, w)
+        behind = bool(self.motion_cfg.behind_s) and lag_s >= self.motion_cfg.behind_s
+        reason, relieved = self._full_reason(state, motion, now, w, behind)
         regions: list[Box] = []
         if reason is None:
-            regions = self._regions(state, motion, now, w, h)
+            regions = self._regions(state, motion, now, w, h, behind)
             if area(regions) > self.motion_cfg.max_region_fraction * w * h:
                 # Most of the view changes (a zoom, a crowd): the whole frame is searched, at
                 # most every camera_search_s (as for a moving camera); in between the known
@@ -120,7 +123,7 @@ class GatedDetector:
         self._forget_old(state, now)
         state.last_frame = now
         self.last = GateReport(reason, min(1.0, searched / max(1, w * h)), motion.fraction,
-                               skipped=reason is None and searched == 0)
+                               skipped=reason is None and searched == 0, relieved=relieved and reason is None)
         return [f.box for f in state.faces if f.present]
 
     def forget(self, camera: str) -> None:
@@ -155,22 +158,28 @@ class GatedDetector:
             for face in state.faces:
                 face.box = Box(face.box.x + dx, face.box.y + dy, face.box.w, face.box.h)
 
-    def _full_reason(self, state: _GateState, motion: Motion, now: float, width: int) -> str | None:
+    def _full_reason(self, state: _GateState, motion: Motion, now: float, width: int,
+                     behind: bool) -> tuple[str | None, bool]:
+        """Why the whole frame is searched (None: it is not), and whether the safety net was due
+        but put off because detect is behind."""
         cfg = self.motion_cfg
         if motion.kind == "first":
-            return "first"
+            return "first", False
         if width <= cfg.width:
             # The motion copy is no smaller than the frame itself: gating costs about what a
             # whole-frame search does, and Haar's flicker on tiny faces is only caught by looking
             # on every frame.
-            return "small_frame"
+            return "small_frame", False
         if motion.kind == "cut":
-            return "scene_change"
+            return "scene_change", False
         if motion.kind == "camera" and now - state.last_full >= cfg.camera_search_s:
-            return "camera_motion"
-        if cfg.full_search_s and now - state.last_full >= cfg.full_search_s:
-            return "interval"
-        return None
+            return "camera_motion", False
+        due = bool(cfg.full_search_s) and now - state.last_full >= cfg.full_search_s
+        if due and behind and now - state.last_full < cfg.behind_search_s:
+            # A worker that cannot keep up drops whole frames as stale: the safety net, a large
+            # share of a busy camera's detector time, waits longer instead.
+            return None, True
+        return ("interval", False) if due else (None, False)
 
     # Known faces -----------------------------------------------------------------------------
 
@@ -281,13 +290,16 @@ class GatedDetector:
             # else: a region holding only part of a large face: Haar fires on its parts (the
             # eyes and nose, the mouth); that is the face found lately, not a new one
 
-    def _regions(self, state: _GateState, motion: Motion, now: float, w: int, h: int) -> list[Box]:
+    def _regions(self, state: _GateState, motion: Motion, now: float, w: int, h: int, behind: bool) -> list[Box]:
         """What changed (and now and then what differs from the background), less what a face
         followed on this frame explains (that person's own head and body), grown and merged."""
         side = self.cfg.min_size
         pad = round(side * self.motion_cfg.region_margin)
         changes = motion.boxes
-        if now - state.last_foreground >= self.motion_cfg.foreground_recheck_s:
+        recheck = self.motion_cfg.foreground_recheck_s
+        if behind:
+            recheck = max(recheck, self.motion_cfg.behind_search_s)
+        if now - state.last_foreground >= recheck:
             state.last_foreground = now
             changes = changes + motion.foreground
         found = [f.box for f in state.faces if f.present]

@@ -33,7 +33,7 @@ class FollowingDetector:
 
     last: GateReport | None = None
 
-    def detect(self, gray: UInt8Array, camera: str = "", ts: float | None = None) -> list[Box]:
+    def detect(self, gray: UInt8Array, camera: str = "", ts: float | None = None, lag_s: float = 0.0) -> list[Box]:
         state = self._cameras.get(camera)
         if state is None or not state.boxes or state.since_key + 1 >= self.cfg.keyframe_interval:
             return self._keyframe(gray, camera)
