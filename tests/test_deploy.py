@@ -190,7 +190,8 @@ def test_pipeline_health_dashboard_covers_the_pipeline() -> None:
                  "es_frames_dropped_total", "es_end_to_end_seconds_bucket", "es_detect_seconds_bucket",
                  "es_classify_batch_size_bucket", "es_heartbeat_timestamp_seconds", "es_dead_letters_total",
                  "es_redis_errors_total", "es_camera_up", "es_stage_phase_seconds_sum",
-                 "es_stage_phase_seconds_bucket", "es_stream_lag", "es_stream_pending"):
+                 "es_stage_phase_seconds_bucket", "es_stream_lag", "es_stream_pending",
+                 "es_detect_relieved_frames_total"):
         assert name in used, name
     exprs = " ".join(t["expr"] for _, t in targets)
     for q in ("0.5", "0.95", "0.99"):
