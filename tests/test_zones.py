@@ -99,9 +99,9 @@ class Recording:
     def last(self) -> Any:
         return self.inner.last
 
-    def detect(self, gray: np.ndarray, camera: str = "", ts: float | None = None) -> list[Box]:
+    def detect(self, gray: np.ndarray, camera: str = "", ts: float | None = None, lag_s: float = 0.0) -> list[Box]:
         self.given.append(gray.copy())
-        found = self.inner.detect(gray, camera, ts)
+        found = self.inner.detect(gray, camera, ts, lag_s=lag_s)
         self.reports.append(self.inner.last)  # what this frame cost: motion seen, pixels searched
         return found
 

@@ -388,8 +388,9 @@ class DetectWorker(StreamWorker):
             self.metrics.motionless.labels(camera=camera).inc()
         if report.full_reason is not None:
             self.metrics.full_searches.labels(camera=camera, reason=report.full_reason).inc()
+        relieved = self.metrics.relieved.labels(camera=camera)  # 0 is a reading too: the panel shows "never behind"
         if report.relieved:
-            self.metrics.relieved.labels(camera=camera).inc()
+            relieved.inc()
 
     def _reject(self, pipe: Any, entry: Entry, camera: str, reason: str, detail: str) -> None:
         self.metrics.drop(camera, reason)
