@@ -64,7 +64,7 @@ class MotionSettings(BaseModel):
                                    description="while detect is behind, the whole-frame safety net and the search "
                                                "of what differs from the background run at most this often (fewer "
                                                "searches lose less than frames dropped as stale)")
-    camera_search_s: float = Field(0.5, ge=0.0, le=60.0,
+    camera_search_s: float = Field(0.25, ge=0.0, le=60.0,
                                    description="while the camera moves, whole-frame search at most this often; "
                                                "known faces are followed in between")
     foreground_recheck_s: float = Field(1.0, ge=0.0, le=60.0,
